@@ -196,20 +196,41 @@ def read_jsonl(path):
 
 class Corpus:
     """Documents as one token stream. Document d is tokens[offsets[d]:offsets[d+1]] and
-    starts with EOT; tokens has one extra EOT at the end, the target of the last token."""
+    starts with EOT; tokens has one extra EOT at the end, the target of the last token.
 
-    def __init__(self, tokens, offsets, urls, info):
+    With prefixes (MeCo, see with_metadata) document d reads [EOT] + prefixes[d] + its
+    text: lengths count the prefix, so packing makes room for it, and segment() puts it in."""
+
+    def __init__(self, tokens, offsets, urls, info, prefixes=None):
         self.tokens = tokens      # (n_tokens + 1,) uint16, a memory map of the cache file
         self.offsets = offsets    # (n_docs + 1,) int64
         self.urls = urls          # one metadata string per document ("" when unknown)
         self.info = info          # what was read: source, files, documents, tokens, fingerprint
+        self.prefixes = prefixes  # None, or one int64 token array per document
+        self.prefix_lengths = np.array([len(p) for p in prefixes] if prefixes else [0] * len(urls), dtype=np.int64)
 
     @property
     def lengths(self):
-        return np.diff(self.offsets)
+        return np.diff(self.offsets) + self.prefix_lengths
 
     def __len__(self):
         return len(self.urls)
+
+    def segment(self, d, start, stop):
+        """Inputs and targets for positions [start, stop) of document d. A target that is
+        a prefix token is -1: the model is shown the metadata, never taught to write it."""
+        prefix = self.prefixes[d] if self.prefixes else NO_PREFIX
+        p = len(prefix)
+        position = np.arange(start, stop + 1)  # one more: the target of the last token
+        window = self.tokens[self.offsets[d] + np.maximum(position - p, 0)].astype(np.int64)
+        in_prefix = (position >= 1) & (position <= p)
+        window[in_prefix] = prefix[position[in_prefix] - 1]
+        targets = window[1:].copy()
+        targets[in_prefix[1:]] = -1
+        return window[:-1], targets
+
+
+NO_PREFIX = np.zeros(0, dtype=np.int64)
 
 
 def cache_dir():
@@ -441,6 +462,43 @@ def packing_stats(rows, seq_len):
 
 
 # -----------------------------------------------------------------------------
+# Metadata conditioning
+
+METAS = ("none", "url", "hash")
+
+
+def with_metadata(corpus, meta):
+    """MeCo, "Metadata Conditioning Accelerates Language Model Pre-training" (Gao et al.
+    2025): put "URL: <url>\n\n" between each document's EOT and its text. Notice that the
+    prefix only ever appears as context: its own tokens get no loss (segment() masks them),
+    so the model learns to use the source, not to guess it. meta="hash" replaces the URL by
+    8 hex digits of its hash, the paper's ablation: the label need not be readable, only
+    consistent. Documents without a URL get no prefix."""
+    if meta == "none":
+        return corpus
+    if meta not in METAS:
+        raise BadInput(f"unknown --meta '{meta}'; choose one of {', '.join(METAS)}")
+    if not any(corpus.urls):
+        raise BadInput(f"--meta {meta} needs a URL per document, but '{corpus.info['source']}' has none; "
+                       "add a \"url\" field to each JSONL line, or use --meta none")
+    encoder, cache = get_tokenizer(), {"": NO_PREFIX}
+    def prefix(url):
+        if url not in cache:
+            label = url if meta == "url" else hashlib.sha256(url.encode()).hexdigest()[:8]
+            cache[url] = np.array(encoder.encode_ordinary(f"URL: {label}\n\n"), dtype=np.int64)
+        return cache[url]
+    return Corpus(corpus.tokens, corpus.offsets, corpus.urls, corpus.info, [prefix(u) for u in corpus.urls])
+
+
+def without_prefixes(rows, corpus):
+    """Rows packed for a corpus with prefixes, moved to plain-document coordinates: the
+    same text tokens with the prefix left out (the row keeps the freed room as padding).
+    Scoring both versions compares a model with and without metadata on identical text."""
+    p = corpus.prefix_lengths
+    return [[(d, 0 if start == 0 else start - p[d], stop - p[d]) for d, start, stop in row] for row in rows]
+
+
+# -----------------------------------------------------------------------------
 # Batches
 
 @functools.lru_cache(maxsize=4)
@@ -480,9 +538,8 @@ def rows_to_batch(corpus, rows, T, docmask=True):
     for b, row in enumerate(rows):
         t = 0
         for segment, (d, start, stop) in enumerate(row):
-            n, s = stop - start, corpus.offsets[d] + start
-            x[b, t:t + n] = corpus.tokens[s:s + n]
-            y[b, t:t + n] = corpus.tokens[s + 1:s + n + 1]
+            n = stop - start
+            x[b, t:t + n], y[b, t:t + n] = corpus.segment(d, start, stop)
             if docmask:
                 doc_ids[b, t:t + n] = segment
                 pos_ids[b, t:t + n] = np.arange(n)

@@ -44,23 +44,53 @@ PRESETS = {
 }
 # What defines a run's arithmetic: a resumed run must agree on all of these.
 RUN_KEYS = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "grad_accum", "max_steps",
-            "lr", "min_lr_ratio", "warmup", "weight_decay", "data", "packing", "seed")
+            "lr", "min_lr_ratio", "warmup", "weight_decay", "data", "packing", "seed", "meta", "meta_cooldown")
+STEERING_URLS = ("docs.python.org/3/library/asyncio.tasks", "docs.python.org/3/library/unittest.mock")
 
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule (shared with cpt.py)
 
-def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0):
-    """Linear warmup from start_lr to max_lr over `warmup` steps, then cosine decay to
-    min_lr at step `total`, then min_lr. (Cosine decay to 10 %: Chinchilla, Hoffmann et al.
-    2022.) Warmup matters because Adam's second-moment estimates are noise for the first
-    steps; starting small keeps those early updates from throwing the weights far away."""
+SCHEDULES = ("cosine", "constant", "infinite")
+
+
+def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0, kind="cosine",
+                  constant_lr=None, cooldown=0, anneal=0):
+    """The learning rate at `step` (counted from 0). Every kind starts with a linear warmup
+    from start_lr to max_lr over `warmup` steps. Warmup matters because Adam's second-moment
+    estimates are noise for the first steps; starting small keeps those early updates from
+    throwing the weights far away. (cpt.py "rewarms" a trained model with start_lr = the
+    LR it ended with.) Then:
+
+      cosine    cosine decay to min_lr at step `total`, then min_lr. pretrain.py's schedule.
+                (Cosine decay to 10 %: Chinchilla, Hoffmann et al. 2022.)
+      constant  max_lr for ever, no decay.
+      infinite  the "infinite" schedule of Ibrahim et al. 2024 and Singh et al. 2025
+                ("Beyond Cosine Decay"): a cosine cooldown from max_lr to constant_lr over
+                `cooldown` steps, constant_lr until step total - anneal, then an exponential
+                anneal to min_lr at step `total`. With constant_lr None (= max_lr) and no
+                cooldown it is warmup-stable-decay. Notice that only the short anneal needs
+                to know when training ends: the constant phase can go on while new data
+                keeps coming, and training resumes from it without rewarming."""
     if step < warmup:
         return start_lr + (max_lr - start_lr) * (step + 1) / warmup
+    if kind == "constant":
+        return max_lr
     if step >= total:
         return min_lr
-    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    if kind == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    if kind != "infinite":
+        raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    constant_lr = max_lr if constant_lr is None else constant_lr
+    if step < warmup + cooldown:
+        progress = (step - warmup) / cooldown  # 0 -> 1
+        return constant_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - constant_lr)
+    if step < total - anneal:
+        return constant_lr
+    progress = (step - (total - anneal)) / anneal  # 0 -> 1
+    return constant_lr * (min_lr / constant_lr) ** progress
 
 
 # -----------------------------------------------------------------------------
@@ -136,9 +166,14 @@ def train(args):
     torch.manual_seed(args.seed)
     corpus = data.load_corpus(args.data)
     train_docs, val_docs = data.split_documents(corpus)
+    meta_corpus = data.with_metadata(corpus, args.meta)  # the same corpus when --meta none
+    if meta_corpus.prefix_lengths.max() + 1 >= args.seq_len:
+        raise BadInput(f"--seq_len {args.seq_len} leaves no room for text after URL prefixes of up to "
+                       f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
     train_rows = data.pack_split(corpus, train_docs, args.seq_len, args.packing)
+    meta_rows = data.pack_split(meta_corpus, train_docs, args.seq_len, args.packing) if args.meta != "none" else None
     val_rows = data.pack_split(corpus, val_docs, args.seq_len, "bestfit")
-    stats = data.packing_stats(train_rows, args.seq_len)
+    stats = data.packing_stats(meta_rows or train_rows, args.seq_len)
     baseline = data.unigram_loss(corpus, train_docs, val_docs)
     print(f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
           f"({len(train_docs):,} train / {len(val_docs):,} val documents); "
@@ -157,19 +192,39 @@ def train(args):
 
     docmask = args.packing != "concat"
     def next_batch(index):
+        if uses_metadata(index // args.grad_accum, args):
+            return data.get_batch(meta_corpus, meta_rows, args.seq_len, index, args.batch_size, args.seed, docmask)
         return data.get_batch(corpus, train_rows, args.seq_len, index, args.batch_size, args.seed, docmask)
     # Validation: the same held-out rows every time, documents masked apart, so each
-    # document is scored as if it were alone, whatever the training packing.
-    eval_sets = {args.data: [data.get_batch(corpus, val_rows, args.seq_len, i, args.batch_size, seed=0)
-                             for i in range(args.eval_batches)]}
+    # document is scored as if it were alone, whatever the training packing. The first
+    # set, without metadata, is the number that matters; MeCo runs also score with URLs.
+    def val_batches(corpus, rows):
+        return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
+    eval_sets = {args.data: val_batches(corpus, val_rows)}
+    if args.meta != "none":
+        eval_sets[f"{args.data}_{args.meta}"] = val_batches(
+            meta_corpus, data.pack_split(meta_corpus, val_docs, args.seq_len, "bestfit"))
     min_lr = args.lr * args.min_lr_ratio
     def lr_at(step):
         return learning_rate(step, args.lr, min_lr, args.warmup, args.max_steps)
 
     extra = {"data": corpus.info, "packing_stats": stats, "unigram_loss": baseline}
+    with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
+        json.dump({"args": vars(args), "parameters": model.num_params(), **extra}, f, indent=1)
     fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
     plot_losses(args.out_dir, baseline)
-    write_samples(model, args, ["", "def ", "class ", "import "])
+    plot_lr(args.out_dir, lr_at, args.max_steps)
+    prompts = ["", "def ", "class ", "import "]
+    if args.meta == "url":  # steering by metadata: the same start, two different sources
+        prompts += [f"URL: {url}\n\n" for url in STEERING_URLS]
+    write_samples(model, args, prompts)
+
+
+def uses_metadata(step, args):
+    """MeCo's two phases: URL prefixes for the first (1 - meta_cooldown) of the steps, then
+    a cooldown on plain documents, so the model also works without metadata. The learning
+    rate schedule and the optimizer simply continue. A pure function of step: resumable."""
+    return args.meta != "none" and step < round((1 - args.meta_cooldown) * args.max_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -333,10 +388,11 @@ def load_checkpoint(path):
                        "it is damaged or not a minipretrain checkpoint")
 
 
-def resume(path, model, optimizer, args, corpus):
-    """Load a checkpoint into model and optimizer; check it belongs to this run."""
+def resume(path, model, optimizer, args, corpus, keys=RUN_KEYS):
+    """Load a checkpoint into model and optimizer; check it belongs to this run (the
+    flags named in `keys` agree; cpt.py passes its own)."""
     ckpt = load_checkpoint(path)
-    differ = [f"{k}={ckpt['args'].get(k)!r} (now {getattr(args, k)!r})" for k in RUN_KEYS
+    differ = [f"{k}={ckpt['args'].get(k)!r} (now {getattr(args, k)!r})" for k in keys
               if ckpt["args"].get(k) != getattr(args, k)]
     if differ:
         raise BadInput(f"checkpoint {path} is from another configuration: {', '.join(differ)}; "
@@ -399,6 +455,24 @@ def plot_losses(out_dir, baseline=None):
     plt.close(fig)
 
 
+def plot_lr(out_dir, lr_at, total, title=None):
+    """lr.png: the schedule itself, lr_at(step) at every step 0..total-1 (the log only
+    holds every log_interval-th step, which hides a short warmup)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(total), [lr_at(step) for step in range(total)], c="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(bottom=0)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "lr.png"), dpi=120)
+    plt.close(fig)
+
+
 def write_samples(model, args, prompts, max_new_tokens=None):
     """samples.txt: one continuation per prompt, each starting from a fresh document."""
     n = args.sample_tokens if max_new_tokens is None else max_new_tokens
@@ -421,6 +495,26 @@ def write_samples(model, args, prompts, max_new_tokens=None):
         print(f"samples written to {path}; the first one:\n{texts[0][:400]}")
 
 
+def sample(args):
+    """python pretrain.py --sample --init out/meco/ckpt.pt --url docs.python.org/3/library/json
+    The document starts the way MeCo trained it, [EOT] "URL: <url>\n\n", then the prompt;
+    the URL may be real or made up. Without --url it is a plain continuation."""
+    if not args.init:
+        raise BadInput("--sample needs --init PATH/ckpt.pt, the checkpoint to generate from")
+    ckpt = load_checkpoint(args.init)
+    args.device = pick_device(args.device)
+    model = GPT(GPTConfig(**ckpt["config"])).to(args.device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    encoder = data.get_tokenizer()
+    start = f"URL: {args.url}\n\n" if args.url else ""
+    idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(start + args.prompt)], device=args.device)
+    torch.manual_seed(args.seed)
+    with autocast_for(args.device):
+        out = model.generate(idx, args.sample_tokens, temperature=0.8, top_k=200)
+    print(encoder.decode(out[0, 1:].tolist()))
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -431,7 +525,10 @@ def build_parser():
     p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
-    p.add_argument("--packing", default="concat", choices=data.PACKINGS, help="how documents are laid into rows")
+    p.add_argument("--packing", default="bestfit", choices=data.PACKINGS, help="how documents are laid into rows")
+    p.add_argument("--meta", default="none", choices=data.METAS,
+                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing")
+    p.add_argument("--meta_cooldown", type=float, default=0.1, help="MeCo: last fraction of steps without metadata")
     p.add_argument("--max_steps", type=int)
     p.add_argument("--n_layer", type=int)
     p.add_argument("--n_head", type=int)
@@ -451,6 +548,10 @@ def build_parser():
                    help="torch.compile the model (default: on for GPU presets)")
     p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample at the end (0: none)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--sample", action="store_true", help="only generate text from --init (no training)")
+    p.add_argument("--init", help="with --sample: the checkpoint to generate from")
+    p.add_argument("--url", default="", help="with --sample: steer generation with this URL, as MeCo trains it")
+    p.add_argument("--prompt", default="", help="with --sample: the text to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -458,7 +559,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        train(args)
+        sample(args) if args.sample else train(args)
     except BadInput as e:
         sys.exit(f"error: {e}")
 
