@@ -506,9 +506,12 @@ def epoch_order(seed, epoch, n_rows):
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True):
+def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True, rank=0, world=1):
     """The index-th batch: a pure function of (seed, index), so a resumed run sees exactly
     the batches it would have seen. Rows are visited in a fresh random order every epoch.
+    With several processes the index-th batch has world * batch_size rows and process
+    `rank` takes its own slice of them: the same rows as one process with a world-times
+    bigger batch.
 
     Returns (B, T) tensors, T = seq_len:
       x        input tokens (int64)
@@ -517,7 +520,8 @@ def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True):
                All zeros when docmask is False: plain causal attention across documents.
       pos_ids  position inside the segment, restarting at 0 (0..T-1 when docmask is False)
     """
-    picked = [rows[i] for i in batch_rows(len(rows), index, batch_size, seed)]
+    mine = batch_rows(len(rows), index, batch_size * world, seed)[rank * batch_size:(rank + 1) * batch_size]
+    picked = [rows[i] for i in mine]
     return rows_to_batch(corpus, picked, seq_len, docmask)
 
 

@@ -17,6 +17,7 @@ Two ideas run through the whole file:
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -212,8 +213,8 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
             problem = kernel_problem(q)
             if problem is None:
                 backend = "cuda"
-            elif problem is not _kernel_error:  # a failed build has already said why
-                say_once(f"attention: kernels.cu not used, 'auto' uses sdpa: {problem}")
+            else:
+                say_fallback_once(problem)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
     if backend == "reference":
@@ -491,13 +492,12 @@ def load_kernel(verbose=False):
                 _kernel_error = (f"kernels.cu failed to build: {_first_error_line(str(e))} (whole log: "
                                  "python -c 'import model; model.load_kernel(verbose=True)')")
         if _kernel_error is not None:
-            say_once(f"attention: kernels.cu unavailable, 'auto' uses sdpa: {_kernel_error}")
+            say_fallback_once(_kernel_error)
     return _kernel
 
 
 def _build_problem():
     """What stops the build before it starts, or None. Each answer says how to fix it."""
-    import os
     from torch.utils import cpp_extension
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
@@ -516,7 +516,6 @@ def _build_problem():
 
 
 def _build_kernel(verbose):
-    import os
     from torch.utils.cpp_extension import load
     # No --use_fast_math: it would change every division and sqrt in the file. The one
     # fast instruction the softmax needs, ex2.approx, is asked for by name in kernels.cu.
@@ -534,7 +533,9 @@ def _first_error_line(log):
     return lines[0][:300] if lines else "no compiler output"
 
 
-def say_once(message):
+def say_fallback_once(reason):
+    """One line, once per reason: training goes on with sdpa, and the log says why."""
+    message = f"attention: kernels.cu not used, 'auto' uses sdpa: {reason}"
     if message not in _said:
         _said.add(message)
         print(message)

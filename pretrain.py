@@ -22,6 +22,8 @@ import types
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 from model import GPT, GPTConfig, BadInput
@@ -123,9 +125,23 @@ def pick_preset(device):
     return "cpu", f"no GPU; {torch.get_num_threads()} CPU threads"
 
 
+def setup_distributed(args):
+    """Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE in the environment) join the process
+    group: NCCL between GPUs, gloo between CPU processes; each process drives the GPU of its
+    LOCAL_RANK. Sets args.rank and args.world (0 and 1 for a plain run). Safe to call twice."""
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    if args.world > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
 def resolve_args(args):
     """Fill everything the user left unset from the preset for the chosen device."""
     args.device = pick_device(args.device)
+    setup_distributed(args)
     why = None
     if args.preset == "auto":
         args.preset, why = pick_preset(args.device)
@@ -136,7 +152,7 @@ def resolve_args(args):
             setattr(args, key, value)
     if args.out_dir is None:
         args.out_dir = os.path.join("out", args.preset)
-    if why:
+    if why and args.rank == 0:
         print(f"device {args.device} ({why}) -> preset '{args.preset}': {args.n_layer} layers, "
               f"{args.n_embd} wide, {args.seq_len} tokens per row, {args.max_steps} steps on {args.data}")
     return args
@@ -164,7 +180,11 @@ def train(args):
     """pretrain.py's whole run: data, model, optimizer, then fit(), plots and samples."""
     args = resolve_args(args)
     torch.manual_seed(args.seed)
-    corpus = data.load_corpus(args.data)
+    if args.rank > 0:
+        dist.barrier()  # wait while process 0 tokenizes and caches, then read its cache
+    corpus = data.load_corpus(args.data, quiet=args.rank > 0)
+    if args.rank == 0 and args.world > 1:
+        dist.barrier()
     train_docs, val_docs = data.split_documents(corpus)
     meta_corpus = data.with_metadata(corpus, args.meta)  # the same corpus when --meta none
     if meta_corpus.prefix_lengths.max() + 1 >= args.seq_len:
@@ -175,10 +195,10 @@ def train(args):
     val_rows = data.pack_split(corpus, val_docs, args.seq_len, "bestfit")
     stats = data.packing_stats(meta_rows or train_rows, args.seq_len)
     baseline = data.unigram_loss(corpus, train_docs, val_docs)
-    print(f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
-          f"({len(train_docs):,} train / {len(val_docs):,} val documents); "
-          f"unigram baseline {baseline:.3f} nats")
-    print(f"packing {args.packing}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+    say(args, f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
+              f"({len(train_docs):,} train / {len(val_docs):,} val documents); "
+              f"unigram baseline {baseline:.3f} nats")
+    say(args, f"packing {args.packing}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
 
     config = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(args.device)
@@ -188,13 +208,16 @@ def train(args):
     if args.resume:
         start_step = resume(ckpt_path, model, optimizer, args, corpus)
     os.makedirs(args.out_dir, exist_ok=True)
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters; writing to {args.out_dir}")
+    say(args, f"model: {model.num_params() / 1e6:.1f}M parameters; writing to {args.out_dir}"
+              + (f"; {args.world} processes" if args.world > 1 else ""))
 
     docmask = args.packing != "concat"
     def next_batch(index):
         if uses_metadata(index // args.grad_accum, args):
-            return data.get_batch(meta_corpus, meta_rows, args.seq_len, index, args.batch_size, args.seed, docmask)
-        return data.get_batch(corpus, train_rows, args.seq_len, index, args.batch_size, args.seed, docmask)
+            return data.get_batch(meta_corpus, meta_rows, args.seq_len, index, args.batch_size, args.seed, docmask,
+                                  args.rank, args.world)
+        return data.get_batch(corpus, train_rows, args.seq_len, index, args.batch_size, args.seed, docmask,
+                              args.rank, args.world)
     # Validation: the same held-out rows every time, documents masked apart, so each
     # document is scored as if it were alone, whatever the training packing. The first
     # set, without metadata, is the number that matters; MeCo runs also score with URLs.
@@ -209,9 +232,12 @@ def train(args):
         return learning_rate(step, args.lr, min_lr, args.warmup, args.max_steps)
 
     extra = {"data": corpus.info, "packing_stats": stats, "unigram_loss": baseline}
-    with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
-        json.dump({"args": vars(args), "parameters": model.num_params(), **extra}, f, indent=1)
+    if args.rank == 0:
+        with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
+            json.dump({"args": vars(args), "parameters": model.num_params(), **extra}, f, indent=1)
     fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
+    if args.rank > 0:
+        return  # plots and samples come from process 0
     plot_losses(args.out_dir, baseline)
     plot_lr(args.out_dir, lr_at, args.max_steps)
     prompts = ["", "def ", "class ", "import "]
@@ -237,20 +263,25 @@ def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
     eval_sets: {name: [batches]}, scored every args.eval_interval steps and at the end.
     lr_at(step) -> learning rate. extra: what else to record in the checkpoint.
     Checkpoints are written at every evaluation; Ctrl-C finishes the current step,
-    writes one and exits."""
-    device = args.device
+    writes one and exits. Under torchrun every process runs this loop on its own slice of
+    each batch; DistributedDataParallel averages the gradients; process 0 writes."""
+    setup_distributed(args)
+    device, main_process = args.device, args.rank == 0
     compiled = torch.compile(model) if args.compile else model
+    if args.world > 1:
+        compiled = DistributedDataParallel(compiled, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     autocast = autocast_for(device)
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    trim_log(log_path, start_step)  # a resumed run rewrites what came after its checkpoint
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    if main_process:
+        trim_log(log_path, start_step)  # a resumed run rewrites what came after its checkpoint
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * args.world
     flops_per_token = model.flops_per_token(args.seq_len)
     peak = peak_flops(device)
     use_doc_ids = args.packing != "concat"  # only plain concat attends across documents
 
     from tqdm import tqdm
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-               desc="train", dynamic_ncols=True, disable=args.quiet)
+               desc="train", dynamic_ncols=True, disable=args.quiet or not main_process)
     model.train()
     t_last, steps_since = time.time(), 0
     with ctrl_c_finishes_the_step() as stop:
@@ -261,20 +292,25 @@ def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
             for micro in range(args.grad_accum):
                 batch = next_batch(step * args.grad_accum + micro)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast:
-                    _, loss = compiled(batch["x"], batch["y"], batch["doc_ids"] if use_doc_ids else None,
-                                       batch["pos_ids"])
-                (loss / args.grad_accum).backward()
+                # DDP averages gradients across processes inside backward(); between
+                # micro-steps there is nothing worth averaging yet, so skip it until the last.
+                last = micro == args.grad_accum - 1
+                with contextlib.nullcontext() if last or args.world == 1 else compiled.no_sync():
+                    with autocast:
+                        _, loss = compiled(batch["x"], batch["y"], batch["doc_ids"] if use_doc_ids else None,
+                                           batch["pos_ids"])
+                    (loss / args.grad_accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps_since += 1
             done = step + 1
+            stopping = everyone_agrees_to_stop(stop.requested, args)
 
             # Reading the loss makes the CPU wait for the GPU, so it happens every
             # log_interval steps rather than every step.
             if done % args.log_interval == 0 or done == args.max_steps:
-                loss_value = loss.item()
+                loss_value = mean_over_processes(loss, args)
                 if not math.isfinite(loss_value):
                     raise BadInput(f"loss became {loss_value} at step {done}; the last good checkpoint "
                                    f"is kept in {args.out_dir} (try a lower --lr)")
@@ -282,26 +318,49 @@ def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
                 t_last, steps_since = time.time(), 0
                 postfix = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
                 if peak:
-                    postfix["mfu"] = f"{100 * flops_per_token * tok_s / peak:.0f}%"
+                    postfix["mfu"] = f"{100 * flops_per_token * tok_s / args.world / peak:.0f}%"
                 bar.set_postfix(postfix)
-                append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
-                                      "loss": loss_value, "tok_s": round(tok_s)})
+                if main_process:
+                    append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
+                                          "loss": loss_value, "tok_s": round(tok_s)})
 
-            if done % args.eval_interval == 0 or done == args.max_steps or stop.requested:
+            if done % args.eval_interval == 0 or done == args.max_steps or stopping:
                 losses = {name: evaluate(model, batches, args) for name, batches in eval_sets.items()}
-                bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.3f}" for k, v in losses.items()))
                 if not all(map(math.isfinite, losses.values())):
                     raise BadInput(f"validation loss is not finite at step {done}; the last good "
                                    f"checkpoint is kept in {args.out_dir} (try a lower --lr)")
-                append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
-                                      "val_loss": next(iter(losses.values())),
-                                      **{f"val_loss_{name}": value for name, value in losses.items()}})
-                save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), model, optimizer, args, done, extra)
-            if stop.requested:
+                if main_process:
+                    bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.3f}" for k, v in losses.items()))
+                    append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
+                                          "val_loss": next(iter(losses.values())),
+                                          **{f"val_loss_{name}": value for name, value in losses.items()}})
+                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), model, optimizer, args, done, extra)
+            if stopping:
                 bar.close()
                 sys.exit(f"interrupted: checkpoint saved at step {done}; continue with "
                          f"python {os.path.basename(sys.argv[0])} --resume --out_dir {args.out_dir}")
     bar.close()
+    if args.world > 1:
+        dist.barrier()  # nobody leaves before process 0 has written the last checkpoint
+        dist.destroy_process_group()
+
+
+def mean_over_processes(loss, args):
+    """The loss averaged over all processes (each only saw its slice of the batch)."""
+    if args.world == 1:
+        return loss.item()
+    loss = loss.detach().float().clone()
+    dist.all_reduce(loss)
+    return loss.item() / args.world
+
+
+def everyone_agrees_to_stop(requested, args):
+    """Ctrl-C may reach the processes at different steps; they must stop at the same one."""
+    if args.world == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=args.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -317,6 +376,12 @@ def evaluate(model, batches, args):
         total, count = total + loss.item() * n, count + n
     model.train()
     return total / count
+
+
+def say(args, message):
+    """print, from process 0 only."""
+    if args.rank == 0:
+        print(message)
 
 
 @contextlib.contextmanager
@@ -405,7 +470,12 @@ def resume(path, model, optimizer, args, corpus, keys=RUN_KEYS):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    print(f"resuming from {path} at step {ckpt['step']}")
+    before = ckpt["args"].get("world", 1)
+    if before != args.world:
+        say(args, f"note: {path} was written by {before} process(es), now there are {args.world}: each step "
+                  f"now reads {args.world} x {args.batch_size} rows instead of {before} x {args.batch_size}, and "
+                  f"the run continues from step {ckpt['step']} with that batch (not the data order it had)")
+    say(args, f"resuming from {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 

@@ -88,10 +88,10 @@ def test_cooldown_switches_at_the_exact_step(tmp_path, monkeypatch):
 
     seen = []  # which corpus each training batch came from, by batch index
     real = data.get_batch
-    def spy(corpus, rows, seq_len, index, batch_size, seed, docmask=True):
+    def spy(corpus, rows, seq_len, index, batch_size, seed, *args):
         if seed != 0:  # seed 0: validation batches
             seen.append((index, corpus.prefixes is not None))
-        return real(corpus, rows, seq_len, index, batch_size, seed, docmask)
+        return real(corpus, rows, seq_len, index, batch_size, seed, *args)
     monkeypatch.setattr(data, "get_batch", spy)
     urls = [f"site{i % 3}.org/page" for i in range(12)]
     path = write_jsonl(tmp_path / "m.jsonl", [f"document number {i} " * 5 for i in range(12)], urls)

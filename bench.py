@@ -1,0 +1,525 @@
+"""
+Measurements behind the README. Each subcommand is one experiment; each writes its plots
+and a markdown table into bench/ and names the hardware it ran on.
+
+    python bench.py packing     # CPU: the four packings compared (stats, picture, training)
+    python bench.py meco        # CPU: baseline vs metadata conditioning, loss by position
+    python bench.py attention   # GPU: kernels.cu vs SDPA, FlexAttention and naive attention
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import pretrain
+from model import GPT, GPTConfig, attention, document_causal_mask, load_kernel, sdpa_attention
+
+
+# -----------------------------------------------------------------------------
+# python bench.py packing: what each packing strategy costs and buys (runs on a CPU)
+
+def bench_packing(args):
+    """Statistics and a picture of the four packings, then the same model trained on the
+    same number of row tokens with each, then the cross-document effect."""
+    import matplotlib
+    matplotlib.use("Agg")
+    corpus = data.load_corpus(args.data)
+    train_docs, val_docs = data.split_documents(corpus)
+    os.makedirs("bench", exist_ok=True)
+    lines = [f"# Packing\n\nCorpus `{args.data}`: {len(train_docs):,} training documents, "
+             f"{int(corpus.lengths[train_docs].sum()):,} tokens. Command: `python bench.py packing`.\n",
+             "| row length | packing | rows | padding % | documents split % | documents per row | cross-document pairs % |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for seq_len in (256, 1024):
+        for strategy in data.PACKINGS:
+            s = data.packing_stats(data.pack_split(corpus, train_docs, seq_len, strategy), seq_len)
+            lines.append(f"| {seq_len} | {strategy} | {s['rows']:,} | {s['padding_pct']:.2f} | "
+                         f"{s['split_docs_pct']:.1f} | {s['docs_per_row']:.2f} | {s['cross_doc_pairs_pct']:.1f} |")
+    draw_packings(corpus, train_docs, 1024, "bench/packing.png")
+
+    runs = train_each_packing(args)
+    lines += ["", f"Training: `pretrain.py --preset cpu --max_steps {args.steps}` with each packing "
+              f"(same model, same seed, same number of row tokens; validation documents scored one "
+              f"at a time). Hardware: {cpu_name()}.\n",
+              "| packing | seed | final val loss | tokens/s (median) |", "| --- | --- | --- | --- |"]
+    for name, log in runs.items():
+        val = [r["val_loss"] for r in log if "val_loss" in r][-1]
+        speeds = sorted(r["tok_s"] for r in log if "tok_s" in r)
+        lines.append(f"| {name.split('@')[0]} | {name.split('@')[1]} | {val:.3f} | {speeds[len(speeds) // 2]:,} |")
+    plot_packing_runs(runs, "bench/packing_loss.png")
+
+    lines += ["", "Loss on a validation document preceded by an unrelated one (its first 128 tokens, "
+              "after 128 tokens of another module), with and without the document mask:\n",
+              "| trained with | alone (masked) | after an unrelated document (plain causal) |",
+              "| --- | --- | --- |"]
+    for strategy in ("concat", "concat-docmask"):
+        alone, after = cross_document_loss(corpus, val_docs, f"out/packing/{strategy}@{args.seed}", args)
+        lines.append(f"| {strategy} | {alone:.3f} | {after:.3f} |")
+    with open("bench/packing.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def draw_packings(corpus, docs, seq_len, path, n_rows=10):
+    """packing.png: a few rows of each packing as bars coloured by document (padding
+    white), and the attention mask of one best-fit row."""
+    import matplotlib.pyplot as plt
+    from model import document_causal_mask
+    fig = plt.figure(figsize=(12, 7))
+    grid = fig.add_gridspec(4, 2, width_ratios=(2.2, 1))
+    colours = plt.get_cmap("tab20").colors
+    for i, strategy in enumerate(data.PACKINGS):
+        rows = data.pack_split(corpus, docs, seq_len, strategy)
+        stats = data.packing_stats(rows, seq_len)
+        ax = fig.add_subplot(grid[i, 0])
+        if strategy.startswith("concat"):  # consecutive rows: documents flow from row to row
+            shown = rows[len(rows) // 2:len(rows) // 2 + n_rows]
+        else:  # rows are in packing order (longest pieces first): show a fixed random sample
+            shown = [rows[k] for k in sorted(np.random.default_rng(0).choice(len(rows), n_rows, replace=False))]
+        for r, row in enumerate(shown):
+            t = 0
+            for d, start, stop in row:
+                ax.barh(r, stop - start, left=t, color=colours[d % 20], edgecolor="black", linewidth=0.3)
+                t += stop - start
+        ax.set_xlim(0, seq_len)
+        ax.set_yticks([])
+        ax.invert_yaxis()
+        same = " (the same rows as concat, documents masked apart)" if strategy == "concat-docmask" else ""
+        ax.set_title(f"{strategy}{same}: padding {stats['padding_pct']:.1f} %, documents split "
+                     f"{stats['split_docs_pct']:.0f} %, {stats['docs_per_row']:.2f} documents/row", fontsize=9)
+    ax.set_xlabel("position in the row (tokens)")
+    rows = data.pack_split(corpus, docs, seq_len, "bestfit")
+    row = sorted(rows, key=len)[len(rows) * 9 // 10]  # a row with more documents than most
+    batch = data.rows_to_batch(corpus, [row], seq_len)
+    mask = document_causal_mask(batch["doc_ids"])[0, 0]
+    ax = fig.add_subplot(grid[:, 1])
+    ax.imshow(mask, cmap="Greys", interpolation="nearest")
+    ax.set_title(f"attention mask of a best-fit row\n({len(row)} documents; black = may attend)", fontsize=9)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_each_packing(args):
+    """One pretrain.py run per packing (and a second seed of bestfit, to see the noise)."""
+    runs = {}
+    for strategy, seed in [(s, args.seed) for s in data.PACKINGS] + [("bestfit", args.seed + 1)]:
+        out_dir = f"out/packing/{strategy}@{seed}"
+        command = [sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--data", args.data,
+                   "--packing", strategy, "--seed", str(seed), "--max_steps", str(args.steps),
+                   "--eval_interval", str(max(1, args.steps // 5)), "--eval_batches", "16",
+                   "--out_dir", out_dir, "--sample_tokens", "0", "--quiet"]
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+        runs[f"{strategy}@{seed}"] = pretrain.read_log(os.path.join(out_dir, "log.jsonl"))
+    return runs
+
+
+def plot_packing_runs(runs, path):
+    import matplotlib.pyplot as plt
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": (2, 1)})
+    for name, log in runs.items():
+        val = [r for r in log if "val_loss" in r]
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label=name.replace("@", ", seed "))
+    ax.set_xlabel("row tokens seen (padding included)")
+    ax.set_ylabel("validation loss, one document at a time")
+    ax.legend()
+    names = list(runs)
+    speeds = [sorted(r["tok_s"] for r in runs[n] if "tok_s" in r) for n in names]
+    bars.barh(range(len(names)), [s[len(s) // 2] for s in speeds])
+    bars.set_yticks(range(len(names)), [n.replace("@", ", seed ") for n in names], fontsize=8)
+    bars.set_xlabel("row tokens / s (median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def cross_document_loss(corpus, docs, out_dir, args, n=128, pairs=64):
+    """Mean loss on the first n tokens of validation documents, (1) alone and (2) right
+    after n tokens of an unrelated document with plain causal attention, as concat
+    training sees them. Pairs are fixed: document i follows document i + 1."""
+    ckpt = pretrain.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    long_docs = [int(d) for d in docs if corpus.lengths[d] >= n][:pairs + 1]
+    rows = [[(long_docs[i + 1], 0, n), (long_docs[i], 0, n)] for i in range(len(long_docs) - 1)]
+    losses = []
+    for docmask in (True, False):
+        batch = data.rows_to_batch(corpus, rows, 2 * n, docmask)
+        batch["y"][:, :n] = -1  # score only the second document
+        _, loss = model(batch["x"], batch["y"], batch["doc_ids"] if docmask else None, batch["pos_ids"])
+        losses.append(loss.item())
+    return losses
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{torch.get_num_threads()} threads of {model}"
+
+
+# -----------------------------------------------------------------------------
+# python bench.py meco: metadata conditioning vs the baseline (runs on a CPU)
+
+def bench_meco(args):
+    """Baseline and MeCo on the same corpus, model, seed and number of steps; then the
+    loss by position in the document for the baseline, for MeCo without the URL and for
+    MeCo with it, all on exactly the same validation text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    runs = {}
+    for meta in ("none", "url"):
+        out_dir = f"out/meco/{meta}"
+        command = [sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--data", args.data,
+                   "--meta", meta, "--seed", str(args.seed), "--max_steps", str(args.steps),
+                   "--eval_interval", str(max(1, args.steps // 10)), "--eval_batches", "16",
+                   "--out_dir", out_dir, "--quiet"]
+        print(" ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+        runs[meta] = out_dir
+
+    corpus = data.load_corpus(args.data)
+    _, val_docs = data.split_documents(corpus)
+    meco = data.with_metadata(corpus, "url")
+    seq_len = pretrain.PRESETS["cpu"]["seq_len"]
+    starts = [[(int(d), 0, int(min(meco.lengths[d], seq_len)))] for d in val_docs]  # one document start per row
+    curves = {"baseline": loss_by_position(load_model(runs["none"]), corpus, data.without_prefixes(starts, meco), seq_len),
+              "MeCo, no URL": loss_by_position(load_model(runs["url"]), corpus, data.without_prefixes(starts, meco), seq_len),
+              "MeCo, with URL": loss_by_position(load_model(runs["url"]), meco, starts, seq_len)}
+    cooldown = round((1 - 0.1) * args.steps) * pretrain.PRESETS["cpu"]["batch_size"] * seq_len
+    plot_meco({m: pretrain.read_log(os.path.join(d, "log.jsonl")) for m, d in runs.items()}, curves, cooldown,
+              "bench/meco.png")
+
+    final = {m: [r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r][-1] for m, d in runs.items()}
+    lines = [f"# MeCo\n\nCommand: `python bench.py meco` ({args.steps} steps of the cpu preset on `{args.data}`, "
+             f"seed {args.seed}). Hardware: {cpu_name()}.\n",
+             f"Validation loss without metadata (all validation rows): baseline {final['none']['val_loss']:.3f}, "
+             f"MeCo {final['url']['val_loss']:.3f}; MeCo with URLs {final['url'][f'val_loss_{args.data}_url']:.3f}.\n",
+             f"Loss by position, on the first {seq_len - int(meco.prefix_lengths.max())} text tokens of "
+             f"{len(val_docs)} validation documents:\n",
+             "| model | tokens 1-4 | 5-16 | 17-64 | 65+ | all |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, (sums, counts) in curves.items():
+        cells = [sums[a:b].sum() / counts[a:b].sum() for a, b in ((0, 4), (4, 16), (16, 64), (64, seq_len))]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {sums.sum() / counts.sum():.3f} |")
+    samples = open(os.path.join(runs["url"], "samples.txt")).read().split("=== prompt ")
+    lines += ["", "Samples from the MeCo model steered by a URL (temperature 0.8):", ""]
+    for sample in samples:
+        if sample.startswith("'URL:"):
+            lines += ["```", sample.split("\n", 1)[1].strip()[:600], "```"]
+    with open("bench/meco.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def load_model(out_dir):
+    ckpt = pretrain.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def loss_by_position(model, corpus, rows, seq_len, batch_size=8):
+    """Summed loss and count at each text position k (k = 0: the first token after the
+    document start, or after its URL) over rows that each hold one document's start."""
+    sums, counts = np.zeros(seq_len), np.zeros(seq_len)
+    for i in range(0, len(rows), batch_size):
+        batch = data.rows_to_batch(corpus, rows[i:i + batch_size], seq_len)
+        logits, _ = model(batch["x"], None, batch["doc_ids"], batch["pos_ids"])
+        loss = F.cross_entropy(logits.transpose(1, 2), batch["y"].clamp(min=0), reduction="none")  # (B, T)
+        scored = batch["y"] != -1
+        position = scored.cumsum(dim=1) - 1  # the k-th scored token of a row is text position k
+        np.add.at(sums, position[scored].numpy(), loss[scored].numpy())
+        np.add.at(counts, position[scored].numpy(), 1)
+    return sums, counts
+
+
+def plot_meco(logs, curves, cooldown_tokens, path):
+    import matplotlib.pyplot as plt
+    fig, (ax, pos) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for meta, log in logs.items():
+        val = [r for r in log if "val_loss" in r]
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3,
+                label="baseline" if meta == "none" else "MeCo (validation without URLs)")
+    ax.axvline(cooldown_tokens, ls="--", c="gray", lw=1)
+    ax.text(cooldown_tokens, ax.get_ylim()[1], " cooldown: no URLs", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    edges = np.unique(np.geomspace(1, len(next(iter(curves.values()))[0]), 12).astype(int))
+    for name, (sums, counts) in curves.items():
+        means = [sums[a - 1:b - 1].sum() / max(1, counts[a - 1:b - 1].sum()) for a, b in zip(edges, edges[1:])]
+        pos.plot(edges[:-1], means, "o-", ms=3, label=name)
+    pos.set_xscale("log")
+    pos.set_xlabel("position of the token in its document (text tokens after the URL)")
+    pos.set_ylabel("mean loss")
+    pos.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# python bench.py attention: kernels.cu against PyTorch's attention (needs a GPU)
+
+def bench_attention(args):
+    """Forward and backward TFLOP/s of five ways to compute causal attention within
+    documents, over sequence lengths T and mean document lengths, and the errors of the
+    kernel and of SDPA against float64.
+
+    Notice how the work shrinks with the documents: FLOPs count only the (query, key)
+    pairs the mask allows, sum(L_i^2 / 2) over the documents of a row, at 4 d FLOPs per
+    pair forward (S = Q K^T and P V) and 2.5 times that backward (FlashAttention's
+    convention). SDPA's flash kernel cannot take a document mask, so it computes all
+    T^2 / 2 causal pairs whatever the documents: it is the speed limit of plain causal
+    attention, not a rival that computes the same thing."""
+    if not torch.cuda.is_available():
+        sys.exit("error: bench.py attention needs a CUDA GPU, and PyTorch sees none")
+    if load_kernel() is None:
+        sys.exit("error: bench.py attention needs kernels.cu, which is not available (see the line above)")
+    import matplotlib
+    matplotlib.use("Agg")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    results = []
+    for T in seq_lens:
+        for doc_len in attention_doc_lens(args.doc_lens, T):
+            B = max(1, args.tokens // T)
+            gen = torch.Generator().manual_seed(T + doc_len)
+            doc_ids = random_documents(B, T, doc_len, gen).cuda()
+            q, k, v, dout = (torch.randn(B, args.n_head, T, args.head_dim, generator=gen).to("cuda", dtype)
+                             for _ in range(4))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            fwd_flops = 4 * allowed_pairs(doc_ids) * args.n_head * args.head_dim
+            for name, fn in attention_backends(doc_ids).items():
+                row = {"T": T, "doc_len": doc_len, "B": B, "backend": name}
+                try:
+                    t_fwd, t_bwd = time_forward_backward(fn, q, k, v, dout, args.repeats)
+                    row.update(fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
+                               fwd_tflops=fwd_flops / t_fwd / 1e12, bwd_tflops=2.5 * fwd_flops / t_bwd / 1e12)
+                except torch.cuda.OutOfMemoryError:
+                    row["failed"] = "out of memory"
+                except Exception as e:  # e.g. FlexAttention without a working torch.compile
+                    row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                torch.cuda.empty_cache()
+                results.append(row)
+                print(attention_row_text(row), flush=True)
+    errors = attention_errors([T for T in seq_lens if T <= 2048], dtype, args)
+    os.makedirs("bench", exist_ok=True)
+    write_attention_markdown(results, errors, args, "bench/attention.md")
+    plot_attention(results, "bench/attention.png")
+    with open("bench/attention.md") as f:
+        print(f.read())
+
+
+def attention_doc_lens(spec, T):
+    """--doc_lens "256,1024,T" -> the mean document lengths that fit in T ("T": one
+    document per row, which is plain causal attention)."""
+    lens = [T if s == "T" else int(s) for s in spec.split(",")]
+    return sorted({L for L in lens if L <= T})
+
+
+def random_documents(B, T, mean_len, gen):
+    """(B, T) int32 doc_ids: each row cut into documents at random places, on average
+    every mean_len tokens (mean_len = T: one document per row)."""
+    if mean_len >= T:
+        return torch.zeros(B, T, dtype=torch.int32)
+    cuts = torch.rand(B, T, generator=gen) < 1.0 / mean_len
+    return cuts.cumsum(dim=1).to(torch.int32)
+
+
+def allowed_pairs(doc_ids):
+    """sum(L^2 / 2) over every document of every row: the (query, key) pairs that the
+    causal document mask allows, as FLOP counts usually round them."""
+    pairs = 0
+    for row in doc_ids.cpu():
+        lengths = torch.unique_consecutive(row, return_counts=True)[1].double()
+        pairs += float((lengths ** 2).sum()) / 2
+    return pairs
+
+
+def attention_backends(doc_ids):
+    """name -> f(q, k, v). Masks are built here, outside the timed region, which favours
+    the baselines: the model would rebuild them at every step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, T = doc_ids.shape
+    mask = document_causal_mask(doc_ids)  # (B, 1, T, T) bool
+
+    def ours(q, k, v):
+        return attention(q, k, v, doc_ids, backend="cuda")
+
+    def sdpa_flash_no_docs(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def sdpa_bool_mask(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def naive(q, k, v):
+        scores = (q @ k.mT) / q.size(-1) ** 0.5  # (B, nh, T, T): the matrix the others never store
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+    backends = {"ours (kernels.cu)": ours, "SDPA flash, no documents": sdpa_flash_no_docs,
+                "SDPA + boolean mask": sdpa_bool_mask}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        block_mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        backends["FlexAttention + block mask"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    except Exception as e:
+        print(f"FlexAttention skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+    backends["naive (PyTorch ops)"] = naive
+    return backends
+
+
+def time_forward_backward(fn, q, k, v, dout, repeats):
+    """Seconds per forward, and per backward of a kept graph; each the median of five
+    timings of `repeats` calls in a row (one synchronize per timing, not per call)."""
+    out = fn(q, k, v)  # warm up: builds and caches kernels, compiles FlexAttention
+    torch.autograd.grad(out, (q, k, v), dout)
+    t_fwd = median_seconds(lambda: fn(q, k, v), repeats)
+    out = fn(q, k, v)
+    t_bwd = median_seconds(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), repeats)
+    return t_fwd, t_bwd
+
+
+def median_seconds(f, repeats, trials=5):
+    import time
+    times = []
+    for _ in range(trials):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / repeats)
+    return sorted(times)[trials // 2]
+
+
+def attention_errors(seq_lens, dtype, args):
+    """Max |error| against float64 attention of out, dq, dk, dv, for the kernel and for
+    SDPA with a mask, in the same dtype: the kernel should be about as close as SDPA."""
+    errors = []
+    for T in seq_lens:
+        gen = torch.Generator().manual_seed(T)
+        doc_ids = random_documents(1, T, 256, gen).cuda()
+        q, k, v, dout = (torch.randn(1, 4, T, args.head_dim, generator=gen).to("cuda", dtype) for _ in range(4))
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        want = sdpa_attention(q64, k64, v64, doc_ids)
+        want = [want] + list(torch.autograd.grad(want, (q64, k64, v64), dout.double()))
+        for backend in ("cuda", "sdpa"):
+            q1, k1, v1 = (t.clone().requires_grad_() for t in (q, k, v))
+            got = attention(q1, k1, v1, doc_ids, backend=backend)
+            got = [got] + list(torch.autograd.grad(got, (q1, k1, v1), dout))
+            errors.append({"T": T, "backend": "ours (kernels.cu)" if backend == "cuda" else "SDPA + boolean mask",
+                           **{name: (a.double() - b).abs().max().item()
+                              for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}})
+    return errors
+
+
+def attention_row_text(row):
+    where = f"T {row['T']:5d}, documents ~{row['doc_len']:5d}: {row['backend']:28s}"
+    if "failed" in row:
+        return f"{where} {row['failed']}"
+    return (f"{where} forward {row['fwd_tflops']:6.1f} TFLOP/s ({row['fwd_ms']:7.3f} ms), "
+            f"backward {row['bwd_tflops']:6.1f} TFLOP/s ({row['bwd_ms']:7.3f} ms)")
+
+
+def write_attention_markdown(results, errors, args, path):
+    device = torch.cuda.get_device_name()
+    lines = [f"# Attention: kernels.cu vs PyTorch\n",
+             f"Device: **{device}**, PyTorch {torch.__version__}, CUDA {torch.version.cuda}. "
+             f"{args.dtype}, {args.n_head} heads of size {args.head_dim}, batch = {args.tokens:,} tokens "
+             f"(B = tokens / T). Command: `python bench.py attention --seq_lens {args.seq_lens} "
+             f"--doc_lens {args.doc_lens} --dtype {args.dtype} --head_dim {args.head_dim}`.\n",
+             "TFLOP/s count only the pairs the causal document mask allows (sum of L^2/2 per "
+             "document, 4 d FLOPs per pair forward, 2.5x that backward). *SDPA flash, no documents* "
+             "ignores the documents (it computes all T^2/2 causal pairs): it is the speed of plain "
+             "causal attention, not the same computation. Masks are built outside the timing.\n",
+             "| T | mean document | backend | forward TFLOP/s | backward TFLOP/s | forward ms | backward ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        doc = "one per row" if r["doc_len"] == r["T"] else f"{r['doc_len']}"
+        if "failed" in r:
+            lines.append(f"| {r['T']} | {doc} | {r['backend']} | {r['failed']} | | | |")
+        else:
+            lines.append(f"| {r['T']} | {doc} | {r['backend']} | {r['fwd_tflops']:.1f} | {r['bwd_tflops']:.1f} "
+                         f"| {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} |")
+    lines += ["", "Max |error| against float64 (1 x 4 heads, documents of ~256 tokens, same inputs):\n",
+              "| T | backend | out | dq | dk | dv |", "| --- | --- | --- | --- | --- | --- |"]
+    for e in errors:
+        lines.append(f"| {e['T']} | {e['backend']} | {e['out']:.1e} | {e['dq']:.1e} | {e['dk']:.1e} | {e['dv']:.1e} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_attention(results, path):
+    """attention.png: TFLOP/s against T, one panel per mean document length, forward on
+    top and backward below, one line per backend."""
+    import matplotlib.pyplot as plt
+    doc_lens = sorted({r["doc_len"] for r in results if r["doc_len"] != r["T"]}) + ["one per row"]
+    fig, axes = plt.subplots(2, len(doc_lens), figsize=(4.2 * len(doc_lens), 7), squeeze=False, sharey="row")
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    for col, doc_len in enumerate(doc_lens):
+        for row, (key, label) in enumerate([("fwd_tflops", "forward"), ("bwd_tflops", "backward")]):
+            ax = axes[row, col]
+            for backend in backends:
+                points = [(r["T"], r[key]) for r in results if r["backend"] == backend and "failed" not in r
+                          and (r["doc_len"] == doc_len or (doc_len == "one per row" and r["doc_len"] == r["T"]))]
+                if points:
+                    ax.plot(*zip(*points), "o-", ms=3, label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{label}, documents ~{doc_len}" if doc_len != "one per row" else f"{label}, one document per row",
+                         fontsize=9)
+            ax.set_xlabel("sequence length T")
+            if col == 0:
+                ax.set_ylabel(f"{label} TFLOP/s (allowed pairs only)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"causal document-masked attention on {torch.cuda.get_device_name()}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, steps in (("packing", 200), ("meco", 400)):
+        sub = commands.add_parser(name)
+        sub.add_argument("--data", default="stdlib")
+        sub.add_argument("--steps", type=int, default=steps, help="training steps per run")
+        sub.add_argument("--seed", type=int, default=1337)
+    sub = commands.add_parser("attention")
+    sub.add_argument("--seq_lens", default="512,1024,2048,4096,8192", help="comma-separated T")
+    sub.add_argument("--doc_lens", default="256,1024,T", help="mean document lengths; T = one per row")
+    sub.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens / T)")
+    sub.add_argument("--n_head", type=int, default=16)
+    sub.add_argument("--head_dim", type=int, default=64, choices=(32, 64, 128))
+    sub.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    sub.add_argument("--repeats", type=int, default=10, help="calls per timing")
+    args = parser.parse_args()
+    {"packing": bench_packing, "meco": bench_meco, "attention": bench_attention}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
