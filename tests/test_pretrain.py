@@ -140,3 +140,18 @@ def test_command_line_errors_are_one_line(tmp_path, flags, message):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path):
+    from test_data import write_jsonl
+    path = write_jsonl(tmp_path / "d.jsonl", [f"document {i} " * 20 for i in range(8)])
+    pretrain.main(tiny_args(tmp_path / "run", 2, "--data", path, "--eval_interval", "2"))
+    write_jsonl(tmp_path / "d.jsonl", [f"edited document {i} " * 20 for i in range(8)])
+    with pytest.raises(BadInput, match="was trained on other data"):
+        pretrain.train(pretrain.build_parser().parse_args(
+            tiny_args(tmp_path / "run", 2, "--data", path, "--eval_interval", "2", "--resume")))
+
+
+def test_rows_too_short_for_url_prefixes(tmp_path):
+    with pytest.raises(BadInput, match="--seq_len 8 leaves no room for text after URL prefixes"):
+        pretrain.train(pretrain.build_parser().parse_args(tiny_args(tmp_path, 2, "--seq_len", "8", "--meta", "url")))
