@@ -8,7 +8,6 @@ and a markdown table into bench/ and names the hardware it ran on.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -445,7 +444,7 @@ def attention_row_text(row):
 
 def write_attention_markdown(results, errors, args, path):
     device = torch.cuda.get_device_name()
-    lines = [f"# Attention: kernels.cu vs PyTorch\n",
+    lines = ["# Attention: kernels.cu vs PyTorch\n",
              f"Device: **{device}**, PyTorch {torch.__version__}, CUDA {torch.version.cuda}. "
              f"{args.dtype}, {args.n_head} heads of size {args.head_dim}, batch = {args.tokens:,} tokens "
              f"(B = tokens / T). Command: `python bench.py attention --seq_lens {args.seq_lens} "

@@ -1,6 +1,5 @@
 """Faults: a run killed at any moment, Ctrl-C, a full disk, and flags that make no sense."""
 import errno
-import os
 import signal
 import subprocess
 import sys
