@@ -206,8 +206,9 @@ def bench_meco(args):
     final = {m: [r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r][-1] for m, d in runs.items()}
     lines = [f"# MeCo\n\nCommand: `python bench.py meco` ({args.steps} steps of the cpu preset on `{args.data}`, "
              f"seed {args.seed}). Hardware: {cpu_name()}.\n",
-             f"Validation loss without metadata (all validation rows): baseline {final['none']['val_loss']:.3f}, "
-             f"MeCo {final['url']['val_loss']:.3f}; MeCo with URLs {final['url'][f'val_loss_{args.data}_url']:.3f}.\n",
+             f"Final validation loss ({pretrain.PRESETS['cpu']['batch_size'] * 16} rows of held-out documents, the same "
+             f"text in all three): baseline {final['none']['val_loss']:.3f}, MeCo without URLs "
+             f"{final['url']['val_loss']:.3f}, MeCo with URLs {final['url'][f'val_loss_{args.data}_url']:.3f}.\n",
              f"Loss by position, on the first {seq_len - int(meco.prefix_lengths.max())} text tokens of "
              f"{len(val_docs)} validation documents:\n",
              "| model | tokens 1-4 | 5-16 | 17-64 | 65+ | all |", "| --- | --- | --- | --- | --- | --- |"]

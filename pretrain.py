@@ -192,7 +192,13 @@ def train(args):
                        f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
     train_rows = data.pack_split(corpus, train_docs, args.seq_len, args.packing)
     meta_rows = data.pack_split(meta_corpus, train_docs, args.seq_len, args.packing) if args.meta != "none" else None
-    val_rows = data.pack_split(corpus, val_docs, args.seq_len, "bestfit")
+    # Validation rows are laid out with room for URL prefixes, in every run: rendered with
+    # or without them, they hold exactly the same text tokens, so MeCo with and without
+    # URLs, and the baseline, are all scored on identical text.
+    val_layout = data.with_metadata(corpus, "url") if any(corpus.urls) else corpus
+    if val_layout.prefix_lengths.max() + 1 >= args.seq_len:  # rows too short to keep the room
+        val_layout = corpus
+    val_rows = data.pack_split(val_layout, val_docs, args.seq_len, "bestfit")
     stats = data.packing_stats(meta_rows or train_rows, args.seq_len)
     baseline = data.unigram_loss(corpus, train_docs, val_docs)
     say(args, f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
@@ -223,10 +229,11 @@ def train(args):
     # set, without metadata, is the number that matters; MeCo runs also score with URLs.
     def val_batches(corpus, rows):
         return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
-    eval_sets = {args.data: val_batches(corpus, val_rows)}
-    if args.meta != "none":
-        eval_sets[f"{args.data}_{args.meta}"] = val_batches(
-            meta_corpus, data.pack_split(meta_corpus, val_docs, args.seq_len, "bestfit"))
+    eval_sets = {args.data: val_batches(corpus, data.without_prefixes(val_rows, val_layout))}
+    if args.meta == "url":
+        eval_sets[f"{args.data}_url"] = val_batches(meta_corpus, val_rows)
+    elif args.meta == "hash":  # hashed prefixes have other lengths: their own rows
+        eval_sets[f"{args.data}_hash"] = val_batches(meta_corpus, data.pack_split(meta_corpus, val_docs, args.seq_len, "bestfit"))
     min_lr = args.lr * args.min_lr_ratio
     def lr_at(step):
         return learning_rate(step, args.lr, min_lr, args.warmup, args.max_steps)
