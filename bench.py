@@ -504,7 +504,7 @@ def plot_attention(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, steps in (("packing", 200), ("meco", 400)):
+    for name, steps in (("packing", 150), ("meco", 400)):
         sub = commands.add_parser(name)
         sub.add_argument("--data", default="stdlib")
         sub.add_argument("--steps", type=int, default=steps, help="training steps per run")
