@@ -109,10 +109,15 @@ def draw_packings(corpus, docs, seq_len, path, n_rows=10):
 
 
 def train_each_packing(args):
-    """One pretrain.py run per packing (and a second seed of bestfit, to see the noise)."""
+    """One pretrain.py run per packing. A run that already finished in out/packing is reused
+    (delete the folder to train it again)."""
     runs = {}
-    for strategy, seed in [(s, args.seed) for s in data.PACKINGS] + [("bestfit", args.seed + 1)]:
+    for strategy, seed in [(s, args.seed) for s in data.PACKINGS]:
         out_dir = f"out/packing/{strategy}@{seed}"
+        log = pretrain.read_log(os.path.join(out_dir, "log.jsonl"))
+        if any(r["step"] == args.steps and "val_loss" in r for r in log):
+            runs[f"{strategy}@{seed}"] = log
+            continue
         command = [sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--data", args.data,
                    "--packing", strategy, "--seed", str(seed), "--max_steps", str(args.steps),
                    "--eval_interval", str(max(1, args.steps // 5)), "--eval_batches", "16",
@@ -168,7 +173,8 @@ def cpu_name():
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = "unknown CPU"
-    return f"{torch.get_num_threads()} threads of {model}"
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''} of {model}"
 
 
 # -----------------------------------------------------------------------------

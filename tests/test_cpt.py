@@ -272,3 +272,19 @@ def test_command_line_errors_are_one_line(base, tmp_path):
         assert result.returncode == 1
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_compare_writes_the_plots_and_numbers(base, tmp_path):
+    args = cpt.build_parser().parse_args(["--compare", "--init", str(base / "run" / "ckpt.pt"), "--device", "cpu",
+                                          "--out_dir", str(tmp_path / "runs"), "--max_steps", "1", "--warmup", "1",
+                                          "--eval_interval", "1", "--log_interval", "1", "--quiet"])
+    cpt.compare(args, bench_dir=str(tmp_path / "bench"))
+    report = json.load(open(tmp_path / "bench" / "cpt.json"))
+    assert [r["folder"] for r in report["runs"]] == [folder for folder, _, _ in cpt.COMPARE]
+    assert all(r["old_before"] == report["runs"][0]["old_before"] for r in report["runs"])  # one starting point
+    assert all(r["forgetting"] == pytest.approx(r["old_after"] - r["old_before"]) for r in report["runs"])
+    constant = pretrain.read_log(tmp_path / "runs" / "constant" / "log.jsonl")
+    assert [r["lr"] for r in constant] == pytest.approx([3e-4] * len(constant))  # no rewarming
+    assert (tmp_path / "bench" / "cpt.png").stat().st_size > 10_000
+    assert (tmp_path / "bench" / "cpt_tradeoff.png").stat().st_size > 10_000
+    assert "| infinite (WSD) |" in (tmp_path / "bench" / "cpt.md").read_text()
