@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import data
 import pretrain
-from model import GPT, GPTConfig, attention, document_causal_mask, load_kernel, sdpa_attention
+from model import attention, document_causal_mask, load_kernel, sdpa_attention
 
 
 # -----------------------------------------------------------------------------
@@ -152,10 +152,7 @@ def cross_document_loss(corpus, docs, out_dir, args, n=128, pairs=64):
     """Mean loss on the first n tokens of validation documents, (1) alone and (2) right
     after n tokens of an unrelated document with plain causal attention, as concat
     training sees them. Pairs are fixed: document i follows document i + 1."""
-    ckpt = pretrain.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = pretrain.load_model(os.path.join(out_dir, "ckpt.pt"))
     long_docs = [int(d) for d in docs if corpus.lengths[d] >= n][:pairs + 1]
     rows = [[(long_docs[i + 1], 0, n), (long_docs[i], 0, n)] for i in range(len(long_docs) - 1)]
     losses = []
@@ -202,9 +199,11 @@ def bench_meco(args):
     meco = data.with_metadata(corpus, "url")
     seq_len = pretrain.PRESETS["cpu"]["seq_len"]
     starts = [[(int(d), 0, int(min(meco.lengths[d], seq_len)))] for d in val_docs]  # one document start per row
-    curves = {"baseline": loss_by_position(load_model(runs["none"]), corpus, data.without_prefixes(starts, meco), seq_len),
-              "MeCo, no URL": loss_by_position(load_model(runs["url"]), corpus, data.without_prefixes(starts, meco), seq_len),
-              "MeCo, with URL": loss_by_position(load_model(runs["url"]), meco, starts, seq_len)}
+    baseline, model = (pretrain.load_model(os.path.join(runs[m], "ckpt.pt")) for m in ("none", "url"))
+    plain = data.without_prefixes(starts, meco)  # the same rows, URLs left out
+    curves = {"baseline": loss_by_position(baseline, corpus, plain, seq_len),
+              "MeCo, no URL": loss_by_position(model, corpus, plain, seq_len),
+              "MeCo, with URL": loss_by_position(model, meco, starts, seq_len)}
     cooldown = round((1 - 0.1) * args.steps) * pretrain.PRESETS["cpu"]["batch_size"] * seq_len
     plot_meco({m: pretrain.read_log(os.path.join(d, "log.jsonl")) for m, d in runs.items()}, curves, cooldown,
               "bench/meco.png")
@@ -229,13 +228,6 @@ def bench_meco(args):
     with open("bench/meco.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def load_model(out_dir):
-    ckpt = pretrain.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 @torch.no_grad()

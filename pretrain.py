@@ -486,6 +486,14 @@ def resume(path, model, optimizer, args, corpus, keys=RUN_KEYS):
     return ckpt["step"]
 
 
+def load_model(path, device="cpu"):
+    """A trained model from a checkpoint, ready for evaluation or generation."""
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
 def append_log(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -578,11 +586,8 @@ def sample(args):
     the URL may be real or made up. Without --url it is a plain continuation."""
     if not args.init:
         raise BadInput("--sample needs --init PATH/ckpt.pt, the checkpoint to generate from")
-    ckpt = load_checkpoint(args.init)
     args.device = pick_device(args.device)
-    model = GPT(GPTConfig(**ckpt["config"])).to(args.device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = load_model(args.init, args.device)
     encoder = data.get_tokenizer()
     start = f"URL: {args.url}\n\n" if args.url else ""
     idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(start + args.prompt)], device=args.device)
