@@ -4,6 +4,7 @@ and a markdown table into bench/ and names the hardware it ran on.
 
     python bench.py packing     # CPU: the four packings compared (stats, picture, training)
     python bench.py meco        # CPU: baseline vs metadata conditioning, loss by position
+    python bench.py meco --data grammars   # the same on a controlled corpus, plus steering
     python bench.py attention   # GPU: kernels.cu vs SDPA, FlexAttention and naive attention
 """
 
@@ -180,54 +181,100 @@ def cpu_name():
 def bench_meco(args):
     """Baseline and MeCo on the same corpus, model, seed and number of steps; then the
     loss by position in the document for the baseline, for MeCo without the URL and for
-    MeCo with it, all on exactly the same validation text."""
+    MeCo with it, all on exactly the same validation text. On a corpus with a few sources
+    (--data grammars) it also measures steering: do samples follow the URL they were given?"""
     import matplotlib
     matplotlib.use("Agg")
-    runs = {}
-    for meta in ("none", "url"):
-        out_dir = f"out/meco/{meta}"
-        command = [sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--data", args.data,
-                   "--meta", meta, "--seed", str(args.seed), "--max_steps", str(args.steps),
-                   "--eval_interval", str(max(1, args.steps // 10)), "--eval_batches", "16",
-                   "--out_dir", out_dir, "--quiet"]
-        print(" ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True)
-        runs[meta] = out_dir
+    name = "" if args.data == "stdlib" else "_" + "".join(c if c.isalnum() else "_" for c in args.data)
+    runs = {meta: train_meco_run(args, meta, f"out/meco{name}/{meta}") for meta in ("none", "url")}
 
     corpus = data.load_corpus(args.data)
-    _, val_docs = data.split_documents(corpus)
+    train_docs, val_docs = data.split_documents(corpus)
     meco = data.with_metadata(corpus, "url")
     seq_len = pretrain.PRESETS["cpu"]["seq_len"]
     starts = [[(int(d), 0, int(min(meco.lengths[d], seq_len)))] for d in val_docs]  # one document start per row
-    baseline, model = (pretrain.load_model(os.path.join(runs[m], "ckpt.pt")) for m in ("none", "url"))
+    cooldown = pretrain.cooldown_start(args.steps, 0.1)  # the step where URLs stop (default --meta_cooldown)
+    baseline = pretrain.load_model(os.path.join(runs["none"], "ckpt.pt"))
+    before = pretrain.load_model(os.path.join(runs["url"], f"ckpt_{cooldown}.pt"))  # the end of the URL phase
+    model = pretrain.load_model(os.path.join(runs["url"], "ckpt.pt"))
     plain = data.without_prefixes(starts, meco)  # the same rows, URLs left out
     curves = {"baseline": loss_by_position(baseline, corpus, plain, seq_len),
-              "MeCo, no URL": loss_by_position(model, corpus, plain, seq_len),
-              "MeCo, with URL": loss_by_position(model, meco, starts, seq_len)}
-    cooldown = round((1 - 0.1) * args.steps) * pretrain.PRESETS["cpu"]["batch_size"] * seq_len
-    plot_meco({m: pretrain.read_log(os.path.join(d, "log.jsonl")) for m, d in runs.items()}, curves, cooldown,
-              "bench/meco.png")
+              f"MeCo at step {cooldown}, no URL": loss_by_position(before, corpus, plain, seq_len),
+              f"MeCo at step {cooldown}, with URL": loss_by_position(before, meco, starts, seq_len),
+              "MeCo after cooldown, no URL": loss_by_position(model, corpus, plain, seq_len),
+              "MeCo after cooldown, with URL": loss_by_position(model, meco, starts, seq_len)}
+    plot_meco({m: pretrain.read_log(os.path.join(d, "log.jsonl")) for m, d in runs.items()}, curves,
+              cooldown * pretrain.PRESETS["cpu"]["batch_size"] * seq_len, f"bench/meco{name}.png")
 
     final = {m: [r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r][-1] for m, d in runs.items()}
-    lines = [f"# MeCo\n\nCommand: `python bench.py meco` ({args.steps} steps of the cpu preset on `{args.data}`, "
-             f"seed {args.seed}). Hardware: {cpu_name()}.\n",
+    command = "python bench.py meco" + ("" if args.data == "stdlib" else f" --data {args.data}")
+    lines = [f"# MeCo on `{args.data}`\n\nCommand: `{command}` ({args.steps} steps of the cpu preset, "
+             f"seed {args.seed}; URLs for the first {cooldown} steps, then the cooldown). "
+             f"Hardware: {cpu_name()}.\n",
              f"Final validation loss ({pretrain.PRESETS['cpu']['batch_size'] * 16} rows of held-out documents, the same "
              f"text in all three): baseline {final['none']['val_loss']:.3f}, MeCo without URLs "
              f"{final['url']['val_loss']:.3f}, MeCo with URLs {final['url'][f'val_loss_{args.data}_url']:.3f}.\n",
              f"Loss by position, on the first {seq_len - int(meco.prefix_lengths.max())} text tokens of "
              f"{len(val_docs)} validation documents:\n",
              "| model | tokens 1-4 | 5-16 | 17-64 | 65+ | all |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, (sums, counts) in curves.items():
+    for label, (sums, counts) in curves.items():
         cells = [sums[a:b].sum() / counts[a:b].sum() for a, b in ((0, 4), (4, 16), (16, 64), (64, seq_len))]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {sums.sum() / counts.sum():.3f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {sums.sum() / counts.sum():.3f} |")
+    sources = sorted(set(corpus.urls))
+    if len(sources) <= 16:
+        lines += ["", *steering_table(corpus, train_docs, sources, {"baseline": baseline, "MeCo after cooldown": model})]
     samples = open(os.path.join(runs["url"], "samples.txt")).read().split("=== prompt ")
     lines += ["", "Samples from the MeCo model steered by a URL (temperature 0.8):", ""]
     for sample in samples:
         if sample.startswith("'URL:"):
             lines += ["```", sample.split("\n", 1)[1].strip()[:600], "```"]
-    with open("bench/meco.md", "w") as f:
+    with open(f"bench/meco{name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def train_meco_run(args, meta, out_dir):
+    """One pretrain.py run; one that already finished in out_dir is reused (delete it to retrain)."""
+    finished = any(r["step"] == args.steps and "val_loss" in r for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")))
+    if finished and (meta == "none" or os.path.exists(os.path.join(out_dir, f"ckpt_{pretrain.cooldown_start(args.steps, 0.1)}.pt"))):
+        return out_dir
+    command = [sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--data", args.data,
+               "--meta", meta, "--seed", str(args.seed), "--max_steps", str(args.steps),
+               "--eval_interval", str(max(1, args.steps // 10)), "--eval_batches", "16",
+               "--out_dir", out_dir, "--quiet"]
+    print(" ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return out_dir
+
+
+def steering_table(corpus, train_docs, sources, models, per_source=16, length=64):
+    """Steering, measured: each model writes per_source documents after "URL: <source>",
+    and a token-frequency classifier (naive Bayes, fit on the training documents of each
+    source) says which source each one reads like. MeCo should follow the URL; the
+    baseline never saw one, so it should be right about 1 time in len(sources)."""
+    log_p = []
+    for source in sources:
+        docs = [d for d in train_docs if corpus.urls[d] == source]
+        tokens = np.concatenate([corpus.tokens[corpus.offsets[d] + 1:corpus.offsets[d + 1]] for d in docs])
+        counts = np.bincount(tokens, minlength=data.EOT + 1) + 1.0
+        log_p.append(np.log(counts / counts.sum()))
+    log_p = np.stack(log_p)  # (sources, vocab)
+    encoder = data.get_tokenizer()
+    lines = [f"Steering: {per_source} samples of {length} tokens per URL; the share a token-frequency "
+             f"classifier assigns to the URL's own source (chance: {1 / len(sources):.0%}):", "",
+             "| model | " + " | ".join(sources) + " | all |", "| --- |" + " --- |" * (len(sources) + 1)]
+    for label, model in models.items():
+        torch.manual_seed(0)
+        hits = []
+        for k, source in enumerate(sources):
+            prompt = [data.EOT] + encoder.encode_ordinary(f"URL: {source}\n\n")
+            out = model.generate(torch.tensor([prompt] * per_source), length, temperature=0.8, top_k=200)
+            for row in out[:, len(prompt):].tolist():
+                text = row[:row.index(data.EOT)] if data.EOT in row else row  # this document only
+                hits.append(bool(text) and int(log_p[:, text].sum(axis=1).argmax()) == k)
+        shares = np.array(hits).reshape(len(sources), per_source).mean(axis=1)
+        lines.append(f"| {label} | " + " | ".join(f"{s:.0%}" for s in shares) + f" | {np.mean(hits):.0%} |")
+    return lines
 
 
 @torch.no_grad()
@@ -251,17 +298,23 @@ def plot_meco(logs, curves, cooldown_tokens, path):
     fig, (ax, pos) = plt.subplots(1, 2, figsize=(12, 4.2))
     for meta, log in logs.items():
         val = [r for r in log if "val_loss" in r]
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3,
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, c="C0" if meta == "none" else "C1",
                 label="baseline" if meta == "none" else "MeCo (validation without URLs)")
+        with_url = [(r["tokens"], v) for r in val for k, v in r.items() if k.endswith("_url")]
+        if with_url:
+            ax.plot(*zip(*with_url), "o--", ms=3, c="C2", label="MeCo (validation with URLs)")
     ax.axvline(cooldown_tokens, ls="--", c="gray", lw=1)
-    ax.text(cooldown_tokens, ax.get_ylim()[1], " cooldown: no URLs", va="top", fontsize=8, color="gray")
+    ax.text(cooldown_tokens, ax.get_ylim()[1], "cooldown: no URLs ", ha="right", va="top", fontsize=8, color="gray")
     ax.set_xlabel("tokens")
     ax.set_ylabel("validation loss")
     ax.legend()
     edges = np.unique(np.geomspace(1, len(next(iter(curves.values()))[0]), 12).astype(int))
     for name, (sums, counts) in curves.items():
         means = [sums[a - 1:b - 1].sum() / max(1, counts[a - 1:b - 1].sum()) for a, b in zip(edges, edges[1:])]
-        pos.plot(edges[:-1], means, "o-", ms=3, label=name)
+        color = "C0" if name == "baseline" else "C1" if "no URL" in name else "C2"
+        pos.plot(edges[:-1], means, "o" + (":" if "at step" in name else "-"), c=color, ms=3, label=name)
+        if name == "baseline":
+            pos.set_ylim(0.9 * min(means), 1.5 * max(means))  # a curve far above the baseline runs off the top
     pos.set_xscale("log")
     pos.set_xlabel("position of the token in its document (text tokens after the URL)")
     pos.set_ylabel("mean loss")

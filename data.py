@@ -16,8 +16,10 @@ document's EOT, i.e. "the document ends here". No special cases.
 import ast
 import functools
 import hashlib
+import itertools
 import json
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -34,7 +36,7 @@ GPT2_BPE_SHA256 = {  # the hashes tiktoken's own gpt2() constructor checks its d
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
-SOURCES_HELP = ("stdlib, pydoc, packages, a .jsonl file with a \"text\" field per line, "
+SOURCES_HELP = ("stdlib, pydoc, packages, grammars, a .jsonl file with a \"text\" field per line, "
                 "or a folder of .txt/.md files (join several with +, e.g. stdlib+packages)")
 
 
@@ -160,6 +162,8 @@ def list_source(source):
         return [pydoc_data.topics.__file__], lambda stats: [
             (f"docs.python.org/3/reference#{key}", text)
             for key, text in sorted(pydoc_data.topics.topics.items())]
+    if source == "grammars":  # generated, not read: this file's fingerprint stands for the generator
+        return [os.path.abspath(__file__)], lambda stats: grammar_documents()
     if source.endswith(".jsonl") and os.path.isfile(source):
         return [source], lambda stats: read_jsonl(source)
     if os.path.isdir(source):
@@ -189,6 +193,66 @@ def read_jsonl(path):
                                "each line must be one object like {\"text\": \"...\", \"url\": \"...\"}")
             docs.append((str(record.get("url") or ""), record["text"]))
     return docs
+
+
+# -----------------------------------------------------------------------------
+# A controlled corpus for MeCo: documents from several probabilistic grammars
+
+PHRASES = {  # rule shapes every grammar shares; the first rule of each phrase never recurses
+    "S": [["NP", "VP"], ["NP", "VP", "and", "S"], ["NP", "VP", "but", "S"]],
+    "NP": [["Det", "N"], ["Det", "Adj", "N"], ["NP", "PP"]],
+    "VP": [["V", "NP"], ["V"], ["V", "NP", "PP"]],
+    "PP": [["P", "NP"]],
+}
+WORDS = {  # each one a single GPT-2 token after a space
+    "Det": "the a every some this my that no".split(),
+    "N": "cat dog bird fish king queen child robot farmer ship horse teacher".split(),
+    "Adj": "big small red old happy quiet green strange tall brave".split(),
+    "V": "sees likes eats finds builds follows paints carries".split(),
+    "P": "on near under with behind above".split(),
+}
+MAX_DEPTH = 4  # from this depth on a phrase takes its first rule, so every sentence ends
+
+
+def grammar_documents(n_docs=16000, n_grammars=8, seed=0):
+    """The controlled corpus of MeCo's experiment, after "When Does Metadata Conditioning
+    (NOT) Work for Language Model Pre-Training? A Study with Context-Free Grammars"
+    (Higuchi et al. 2025). n_grammars probabilistic grammars share the rules above, but
+    each draws its own probabilities; a document is 3-8 sentences from one of them, and
+    its URL names which. Notice that the source is a latent variable: a model can infer
+    it from the text, but only after reading some of it, while a URL gives it away before
+    the first word. That is where metadata should help, and bench.py meco --data grammars
+    measures by how much."""
+    rng = random.Random(seed)
+    grammars = [grammar_probabilities(rng) for _ in range(n_grammars)]
+    docs = []
+    for _ in range(n_docs):
+        k = rng.randrange(n_grammars)
+        sentences = [" ".join(expand("S", grammars[k], rng)) + "." for _ in range(rng.randint(3, 8))]
+        docs.append((f"grammar{k}.example", " ".join(sentences)))
+    return docs
+
+
+def grammar_probabilities(rng, concentration=0.5):
+    """One grammar: for every phrase and word class, a Dirichlet(concentration) draw over
+    its choices, kept as cumulative weights. A concentration below 1 makes grammars differ
+    a lot: each favours a few words and a few sentence shapes."""
+    grammar = {}
+    for symbol, choices in {**PHRASES, **WORDS}.items():
+        weights = [rng.gammavariate(concentration, 1.0) for _ in choices]
+        grammar[symbol] = list(itertools.accumulate(w / sum(weights) for w in weights))
+    return grammar
+
+
+def expand(symbol, grammar, rng, depth=0):
+    """The words of one random derivation of symbol."""
+    if symbol in WORDS:
+        return rng.choices(WORDS[symbol], cum_weights=grammar[symbol])
+    if symbol not in PHRASES:
+        return [symbol]  # a literal word: "and", "but"
+    rules = PHRASES[symbol]
+    rule = rules[0] if depth >= MAX_DEPTH else rng.choices(rules, cum_weights=grammar[symbol])[0]
+    return [word for part in rule for word in expand(part, grammar, rng, depth + 1)]
 
 
 # -----------------------------------------------------------------------------

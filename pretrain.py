@@ -242,14 +242,18 @@ def train(args):
     if args.rank == 0:
         with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
             json.dump({"args": vars(args), "parameters": model.num_params(), **extra}, f, indent=1)
-    fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
+    # MeCo also keeps the model as it was when the cooldown began, to compare the two phases.
+    keep = {cooldown_start(args.max_steps, args.meta_cooldown)} if args.meta != "none" else set()
+    fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra, keep)
     if args.rank > 0:
         return  # plots and samples come from process 0
     plot_losses(args.out_dir, baseline)
     plot_lr(args.out_dir, lr_at, args.max_steps)
     prompts = ["", "def ", "class ", "import "]
     if args.meta == "url":  # steering by metadata: the same start, two different sources
-        prompts += [f"URL: {url}\n\n" for url in STEERING_URLS]
+        known = set(corpus.urls)
+        urls = STEERING_URLS if known.issuperset(STEERING_URLS) else sorted(known)[:2]
+        prompts += [f"URL: {url}\n\n" for url in urls]
     write_samples(model, args, prompts)
 
 
@@ -257,18 +261,23 @@ def uses_metadata(step, args):
     """MeCo's two phases: URL prefixes for the first (1 - meta_cooldown) of the steps, then
     a cooldown on plain documents, so the model also works without metadata. The learning
     rate schedule and the optimizer simply continue. A pure function of step: resumable."""
-    return args.meta != "none" and step < round((1 - args.meta_cooldown) * args.max_steps)
+    return args.meta != "none" and step < cooldown_start(args.max_steps, args.meta_cooldown)
+
+
+def cooldown_start(max_steps, meta_cooldown):
+    return round((1 - meta_cooldown) * max_steps)
 
 
 # -----------------------------------------------------------------------------
 # The training loop (cpt.py calls this too)
 
-def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra):
+def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra, keep=()):
     """Train from start_step to args.max_steps.
 
     next_batch(index) -> batch dict, a pure function of index, so resuming is exact.
     eval_sets: {name: [batches]}, scored every args.eval_interval steps and at the end.
     lr_at(step) -> learning rate. extra: what else to record in the checkpoint.
+    keep: steps whose checkpoint is also kept, as ckpt_<step>.pt.
     Checkpoints are written at every evaluation; Ctrl-C finishes the current step,
     writes one and exits. Under torchrun every process runs this loop on its own slice of
     each batch; DistributedDataParallel averages the gradients; process 0 writes."""
@@ -331,7 +340,7 @@ def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
                     append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
                                           "loss": loss_value, "tok_s": round(tok_s)})
 
-            if done % args.eval_interval == 0 or done == args.max_steps or stopping:
+            if done % args.eval_interval == 0 or done == args.max_steps or stopping or done in keep:
                 losses = {name: evaluate(model, batches, args) for name, batches in eval_sets.items()}
                 if not all(map(math.isfinite, losses.values())):
                     raise BadInput(f"validation loss is not finite at step {done}; the last good "
@@ -342,6 +351,8 @@ def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra)
                                           "val_loss": next(iter(losses.values())),
                                           **{f"val_loss_{name}": value for name, value in losses.items()}})
                     save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), model, optimizer, args, done, extra)
+                    if done in keep:
+                        save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), model, optimizer, args, done, extra)
             if stopping:
                 bar.close()
                 sys.exit(f"interrupted: checkpoint saved at step {done}; continue with "
