@@ -93,11 +93,12 @@ def run(args):
         except (KeyError, ValueError) as e:
             raise BadInput(f"--keep_optimizer: {args.init} has no usable optimizer state ({e}); drop --keep_optimizer")
 
-    # Validation: fixed batches, documents masked apart (as in pretrain.py). "new" first:
-    # fit() also logs the first set as plain val_loss, and the new domain is what we train on.
-    eval_sets = {"new": validation_batches(new, new_val, args)}
+    # Validation: pretrain.py's own held-out rows, so "old, before CPT" is exactly the loss
+    # pretraining ended with. "new" first: fit() also logs the first set as plain val_loss,
+    # and the new domain is what we train on.
+    eval_sets = pretrain.validation_sets(new, new_val, args, "new")
     if old is not None:
-        eval_sets["old"] = validation_batches(old, old_val, args)
+        eval_sets.update(pretrain.validation_sets(old, old_val, args, "old"))
     start_step = 0
     if resumed:
         start_step = pretrain.resume(os.path.join(args.out_dir, "ckpt.pt"), model, optimizer, args, new, keys=RUN_KEYS)
@@ -244,13 +245,6 @@ def same_corpus(a, b):
     """Do two corpus.info dicts describe the same tokens? (fingerprint: files, sizes, times)"""
     return (a["tokens"] == b["tokens"] and a.get("fingerprint") == b.get("fingerprint")
             and [p.get("fingerprint") for p in a.get("parts", [])] == [p.get("fingerprint") for p in b.get("parts", [])])
-
-
-def validation_batches(corpus, docs, args):
-    """The same held-out rows at every evaluation: the documents packed best-fit, scored
-    with documents masked apart."""
-    rows = data.pack_split(corpus, docs, args.seq_len, "bestfit")
-    return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
 
 
 def lr_schedule(args):

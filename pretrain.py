@@ -192,13 +192,6 @@ def train(args):
                        f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
     train_rows = data.pack_split(corpus, train_docs, args.seq_len, args.packing)
     meta_rows = data.pack_split(meta_corpus, train_docs, args.seq_len, args.packing) if args.meta != "none" else None
-    # Validation rows are laid out with room for URL prefixes, in every run: rendered with
-    # or without them, they hold exactly the same text tokens, so MeCo with and without
-    # URLs, and the baseline, are all scored on identical text.
-    val_layout = data.with_metadata(corpus, "url") if any(corpus.urls) else corpus
-    if val_layout.prefix_lengths.max() + 1 >= args.seq_len:  # rows too short to keep the room
-        val_layout = corpus
-    val_rows = data.pack_split(val_layout, val_docs, args.seq_len, "bestfit")
     stats = data.packing_stats(meta_rows or train_rows, args.seq_len)
     baseline = data.unigram_loss(corpus, train_docs, val_docs)
     say(args, f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
@@ -224,16 +217,7 @@ def train(args):
                                   args.rank, args.world)
         return data.get_batch(corpus, train_rows, args.seq_len, index, args.batch_size, args.seed, docmask,
                               args.rank, args.world)
-    # Validation: the same held-out rows every time, documents masked apart, so each
-    # document is scored as if it were alone, whatever the training packing. The first
-    # set, without metadata, is the number that matters; MeCo runs also score with URLs.
-    def val_batches(corpus, rows):
-        return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
-    eval_sets = {args.data: val_batches(corpus, data.without_prefixes(val_rows, val_layout))}
-    if args.meta == "url":
-        eval_sets[f"{args.data}_url"] = val_batches(meta_corpus, val_rows)
-    elif args.meta == "hash":  # hashed prefixes have other lengths: their own rows
-        eval_sets[f"{args.data}_hash"] = val_batches(meta_corpus, data.pack_split(meta_corpus, val_docs, args.seq_len, "bestfit"))
+    eval_sets = validation_sets(corpus, val_docs, args, args.data, args.meta)
     min_lr = args.lr * args.min_lr_ratio
     def lr_at(step):
         return learning_rate(step, args.lr, min_lr, args.warmup, args.max_steps)
@@ -255,6 +239,30 @@ def train(args):
         urls = STEERING_URLS if known.issuperset(STEERING_URLS) else sorted(known)[:2]
         prompts += [f"URL: {url}\n\n" for url in urls]
     write_samples(model, args, prompts)
+
+
+def validation_sets(corpus, val_docs, args, name, meta="none"):
+    """The held-out batches every evaluation scores (cpt.py's too): the same rows every
+    time, documents masked apart, so each document is scored as if it were alone,
+    whatever the training packing. {name: batches without metadata}, the number that
+    matters, and for MeCo runs also {name_url: the same with URLs} (or name_hash).
+
+    The rows are laid out with room for URL prefixes in every run: rendered with or
+    without them they hold exactly the same text tokens, so the baseline and MeCo with
+    and without URLs are all scored on identical text."""
+    layout = data.with_metadata(corpus, "url") if any(corpus.urls) else corpus
+    if layout.prefix_lengths.max() + 1 >= args.seq_len:  # rows too short to keep the room
+        layout = corpus
+    rows = data.pack_split(layout, val_docs, args.seq_len, "bestfit")
+    def batches(corpus, rows):
+        return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
+    sets = {name: batches(corpus, data.without_prefixes(rows, layout))}
+    if meta == "url":
+        sets[f"{name}_url"] = batches(layout, rows)
+    elif meta == "hash":  # hashed prefixes have other lengths: their own rows
+        hashed = data.with_metadata(corpus, "hash")
+        sets[f"{name}_hash"] = batches(hashed, data.pack_split(hashed, val_docs, args.seq_len, "bestfit"))
+    return sets
 
 
 def uses_metadata(step, args):
