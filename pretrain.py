@@ -235,7 +235,7 @@ def train(args):
     plot_lr(args.out_dir, lr_at, args.max_steps)
     prompts = ["", "def ", "class ", "import "]
     if args.meta == "url":  # steering by metadata: the same start, two different sources
-        known = set(corpus.urls)
+        known = set(corpus.urls) - {""}
         urls = STEERING_URLS if known.issuperset(STEERING_URLS) else sorted(known)[:2]
         prompts += [f"URL: {url}\n\n" for url in urls]
     write_samples(model, args, prompts)
