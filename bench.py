@@ -220,7 +220,7 @@ def bench_meco(args):
     for label, (sums, counts) in curves.items():
         cells = [sums[a:b].sum() / counts[a:b].sum() for a, b in ((0, 4), (4, 16), (16, 64), (64, seq_len))]
         lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {sums.sum() / counts.sum():.3f} |")
-    sources = sorted(set(corpus.urls))
+    sources = sorted(set(corpus.urls) - {""})
     if len(sources) <= 16:
         lines += ["", *steering_table(corpus, train_docs, sources, {"baseline": baseline, "MeCo after cooldown": model})]
     samples = open(os.path.join(runs["url"], "samples.txt")).read().split("=== prompt ")
