@@ -423,6 +423,11 @@ def unigram_loss(corpus, train_docs, val_docs):
 PACKINGS = ("concat", "concat-docmask", "bestfit", "pad")
 
 
+def masks_documents(packing):
+    """Only plain concat lets attention cross documents; every other packing masks them apart."""
+    return packing != "concat"
+
+
 def pack_documents(lengths, seq_len, strategy):
     """Lay documents into rows of at most seq_len tokens. Returns a list of rows, each a
     list of (doc_index, start, stop) segments. Every token of every document is in exactly
@@ -581,7 +586,7 @@ def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True, rank
       x        input tokens (int64)
       y        target = next token of the same document; -1 (no loss) on padding
       doc_ids  segment number within the row (int32); padding is a segment of its own.
-               All zeros when docmask is False: plain causal attention across documents.
+               Left out when docmask is False: plain causal attention across documents.
       pos_ids  position inside the segment, restarting at 0 (0..T-1 when docmask is False)
     """
     mine = batch_rows(len(rows), index, batch_size * world, seed)[rank * batch_size:(rank + 1) * batch_size]
@@ -598,6 +603,7 @@ def batch_rows(n_rows, index, batch_size, seed):
 
 
 def rows_to_batch(corpus, rows, T, docmask=True):
+    """Rows of (doc, start, stop) segments -> (B, T) tensors; see get_batch."""
     B = len(rows)
     x = np.full((B, T), EOT, dtype=np.int64)
     y = np.full((B, T), -1, dtype=np.int64)
@@ -608,12 +614,12 @@ def rows_to_batch(corpus, rows, T, docmask=True):
         for segment, (d, start, stop) in enumerate(row):
             n = stop - start
             x[b, t:t + n], y[b, t:t + n] = corpus.segment(d, start, stop)
-            if docmask:
-                doc_ids[b, t:t + n] = segment
-                pos_ids[b, t:t + n] = np.arange(n)
+            doc_ids[b, t:t + n] = segment
+            pos_ids[b, t:t + n] = np.arange(n)
             t += n
-        if docmask:
-            doc_ids[b, t:] = len(row)  # padding: its own document, attended by nobody real
-            pos_ids[b, t:] = 0
+        doc_ids[b, t:] = len(row)  # padding: its own document, attended by nobody real
+        pos_ids[b, t:] = 0
+    if not docmask:  # plain causal attention across the whole row, positions 0..T-1
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "pos_ids": torch.arange(T).repeat(B, 1)}
     return {"x": torch.from_numpy(x), "y": torch.from_numpy(y),
             "doc_ids": torch.from_numpy(doc_ids), "pos_ids": torch.from_numpy(pos_ids)}

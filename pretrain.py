@@ -4,9 +4,12 @@ Pretrain a GPT from scratch.
     python pretrain.py                      # picks the device and a preset that fits it
     python pretrain.py --preset cpu --max_steps 50 --out_dir out/try
     python pretrain.py --resume --out_dir out/cpu   # continue an interrupted run exactly
+    python pretrain.py --sample --init out/cpu/ckpt.pt --prompt "def "
 
-Read top-down: presets -> train() builds the pieces -> fit() is the loop that cpt.py
-reuses -> evaluation, checkpoints, plots and samples -> the command line at the bottom.
+Read top-down: main() -> train() builds the data, the model and the optimizer -> fit() is
+the loop (train_step, evaluate_and_checkpoint) -> the end: plots and samples. Below them:
+MeCo's batches, the schedule, devices, checkpoints, plots, samples and the command line.
+cpt.py reuses fit() and the helpers, always by explicit arguments.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import sys
 import threading
 import time
 import types
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,16 +47,359 @@ PRESETS = {
                  max_steps=10000, lr=6e-4, warmup=500, eval_interval=500, eval_batches=40,
                  data="stdlib+packages", compile=True),
 }
-# What defines a run's arithmetic: a resumed run must agree on all of these.
-RUN_KEYS = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "grad_accum", "max_steps",
-            "lr", "min_lr_ratio", "warmup", "weight_decay", "data", "packing", "seed", "meta", "meta_cooldown")
-STEERING_URLS = ("docs.python.org/3/library/asyncio.tasks", "docs.python.org/3/library/unittest.mock")
+# Settings no preset sets.
+DEFAULTS = dict(packing="bestfit", meta="none", meta_cooldown=0.1, schedule="cosine", decay_frac=0.2,
+                min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, log_interval=10, sample_tokens=200,
+                seed=1337, attn_backend="auto", quiet=False)
+# Flags that say what to do now, not what the run is: never taken from a checkpoint.
+NOT_SETTINGS = ("resume", "device", "out_dir", "sample", "init", "url", "prompt", "preset")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        sample(args) if args.sample else train(args)
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        sys.exit(str(e))
+
+
+def train(args):
+    """pretrain.py's whole run: settings, data, model, optimizer, the loop, the end."""
+    # --- settings: the flags, else the checkpoint's (--resume), else the preset's
+    rank, world, device = setup_distributed(pick_device(args.device))
+    run, ckpt = settings(args, device, rank)
+    torch.manual_seed(run.seed)
+
+    # --- data: documents -> packed rows -> batches, each a pure function of its index
+    corpus = load_corpus_once(run.data, rank, world)
+    train_docs, val_docs = data.split_documents(corpus)
+    next_batch, stats = training_batches(corpus, train_docs, run, rank, world)
+    eval_sets = validation_sets(corpus, val_docs, run.data, run.seq_len, run.batch_size, run.eval_batches, run.meta)
+    baseline = data.unigram_loss(corpus, train_docs, val_docs)
+    say(rank, f"data {run.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
+              f"({len(train_docs):,} train / {len(val_docs):,} val documents); unigram baseline {baseline:.3f} nats")
+    say(rank, f"packing {run.packing}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+
+    # --- model and optimizer (from the checkpoint when resuming)
+    config = GPTConfig(block_size=run.seq_len, n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd)
+    model = GPT(config).to(device)
+    model.attn_backend = run.attn_backend
+    optimizer = make_optimizer(model, run.lr, run.weight_decay, device)
+    start_step = restore(ckpt, model, optimizer, corpus, world) if ckpt else 0
+    say(rank, f"model: {model.num_params() / 1e6:.1f}M parameters; writing to {run.out_dir}"
+              + (f"; {world} processes" if world > 1 else ""))
+
+    # --- the loop
+    lr_at = schedule(run)
+    record = {"args": {**vars(run), "world": world}, "data": corpus.info, "packing_stats": stats,
+              "unigram_loss": baseline}
+    if rank == 0:
+        with open(os.path.join(run.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
+            json.dump({**record, "parameters": model.num_params()}, f, indent=1)
+    loop = Loop(out_dir=run.out_dir, max_steps=run.max_steps, grad_accum=run.grad_accum, grad_clip=run.grad_clip,
+                eval_interval=run.eval_interval, log_interval=run.log_interval, device=device, rank=rank,
+                world=world, compile=run.compile, quiet=run.quiet, keep=kept_steps(run))
+    fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
+
+    # --- the end: plots and samples, from process 0
+    if rank == 0:
+        plot_losses(run.out_dir, baseline)
+        plot_lr(run.out_dir, lr_at, run.max_steps)
+        write_samples(model, run.out_dir, device, sample_prompts(corpus, run.meta), run.sample_tokens, run.seed)
+
+
+def load_corpus_once(source, rank, world):
+    """Under torchrun, process 0 tokenizes and caches; the others wait, then read its cache."""
+    if rank > 0:
+        dist.barrier()
+    corpus = data.load_corpus(source, quiet=rank > 0)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return corpus
+
+
+def validation_sets(corpus, val_docs, name, seq_len, batch_size, n_batches, meta="none"):
+    """What every evaluation scores (cpt.py's too): {name: batches}, best-fit rows of the
+    held-out documents, the same rows every time, documents masked apart so each is scored
+    as if alone. A MeCo run also scores the same documents with their metadata ({name_url})."""
+    sets = {name: validation_batches(corpus, val_docs, seq_len, batch_size, n_batches)}
+    if meta != "none":
+        sets[f"{name}_{meta}"] = validation_batches(data.with_metadata(corpus, meta), val_docs, seq_len,
+                                                    batch_size, n_batches)
+    return sets
+
+
+def validation_batches(corpus, docs, seq_len, batch_size, n_batches):
+    rows = data.pack_split(corpus, docs, seq_len, "bestfit")
+    return [data.get_batch(corpus, rows, seq_len, i, batch_size, seed=0) for i in range(n_batches)]
 
 
 # -----------------------------------------------------------------------------
-# Learning-rate schedule (shared with cpt.py)
+# The training loop (cpt.py calls it too)
 
-SCHEDULES = ("cosine", "constant", "infinite")
+@dataclass
+class Loop:
+    """Everything fit() needs besides the model, the batches and the schedule."""
+    out_dir: str
+    max_steps: int
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    log_interval: int = 10
+    device: str = "cpu"
+    rank: int = 0             # this process, under torchrun
+    world: int = 1            # how many processes
+    compile: bool = False
+    quiet: bool = False       # no progress bar
+    keep: tuple = ()          # steps whose checkpoint is also kept, as ckpt_<step>.pt
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the step was finished and a checkpoint written. main() prints it and exits 1."""
+
+
+def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, record=None):
+    """Train from start_step to loop.max_steps.
+
+    next_batch(index) -> batch dict, a pure function of index, so resuming is exact.
+    lr_at(step) -> learning rate. eval_sets: {name: [batches]}, scored every
+    loop.eval_interval steps and at the end. record: what the checkpoint records besides
+    the weights, the optimizer, the step and the RNG. Under torchrun every process runs
+    this loop on its own slice of each batch; DistributedDataParallel averages the
+    gradients; process 0 writes."""
+    net = torch.compile(model) if loop.compile else model
+    if loop.world > 1:
+        net = DistributedDataParallel(net, device_ids=[torch.device(loop.device).index] if loop.device.startswith("cuda") else None)
+    log_path = os.path.join(loop.out_dir, "log.jsonl")
+    if loop.rank == 0:
+        trim_log(log_path, start_step)  # a resumed run rewrites what came after its checkpoint
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, loop.max_steps), initial=start_step, total=loop.max_steps, desc="train",
+               dynamic_ncols=True, disable=loop.quiet or loop.rank > 0)
+    speed = Speedometer(model, loop)
+    model.train()
+    with ctrl_c_finishes_the_step() as stop:
+        for step in bar:
+            # one optimizer step: the LR for this step, micro-steps, clip, update
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens = train_step(net, model, optimizer, next_batch, step, loop)
+            done = step + 1
+            stopping = everyone_agrees_to_stop(stop.requested, loop)
+            speed.add(tokens)
+
+            # log: reading the loss makes the CPU wait for the GPU, so not every step
+            if done % loop.log_interval == 0 or done == loop.max_steps:
+                loss_value = mean_over_processes(loss, loop)
+                if not math.isfinite(loss_value):
+                    raise BadInput(f"loss became {loss_value} at step {done}; the last good checkpoint "
+                                   f"is kept in {loop.out_dir} (try a lower --lr)")
+                tok_s, postfix = speed.read()
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", **postfix)
+                if loop.rank == 0:
+                    append_log(log_path, {"step": done, "tokens": done * tokens, "lr": lr, "loss": loss_value,
+                                          "tok_s": round(tok_s)})
+
+            # evaluate and checkpoint: at every eval_interval, at the end, at a kept step, on Ctrl-C
+            if done % loop.eval_interval == 0 or done == loop.max_steps or stopping or done in loop.keep:
+                evaluate_and_checkpoint(model, optimizer, eval_sets, loop, done, done * tokens, lr, record or {}, bar)
+            if stopping:
+                bar.close()
+                raise Interrupted(f"interrupted: checkpoint saved at step {done}; continue with "
+                                  f"python {os.path.basename(sys.argv[0])} --resume --out_dir {loop.out_dir}")
+    bar.close()
+    if loop.world > 1:
+        dist.barrier()  # nobody leaves before process 0 has written the last checkpoint
+        dist.destroy_process_group()
+
+
+def train_step(net, model, optimizer, next_batch, step, loop):
+    """grad_accum micro-steps, then clip and update. Returns the last micro-step's loss
+    and the tokens (padding included) this step read across all processes."""
+    for micro in range(loop.grad_accum):
+        batch = {k: v.to(loop.device, non_blocking=True) for k, v in next_batch(step * loop.grad_accum + micro).items()}
+        # DDP averages gradients across processes inside backward(); between micro-steps
+        # there is nothing worth averaging yet, so skip it until the last.
+        last = micro == loop.grad_accum - 1
+        with contextlib.nullcontext() if last or loop.world == 1 else net.no_sync():
+            with autocast_for(loop.device):
+                _, loss = net(batch["x"], batch["y"], batch.get("doc_ids"), batch["pos_ids"])
+            (loss / loop.grad_accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, batch["x"].numel() * loop.grad_accum * loop.world
+
+
+def evaluate_and_checkpoint(model, optimizer, eval_sets, loop, step, tokens, lr, record, bar):
+    """Score every validation set, log it, and write ckpt.pt (and ckpt_<step>.pt for a kept step)."""
+    losses = {name: evaluate(model, batches, loop.device) for name, batches in eval_sets.items()}
+    if not all(map(math.isfinite, losses.values())):
+        raise BadInput(f"validation loss is not finite at step {step}; the last good "
+                       f"checkpoint is kept in {loop.out_dir} (try a lower --lr)")
+    if loop.rank > 0:
+        return
+    bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.3f}" for k, v in losses.items()))
+    append_log(os.path.join(loop.out_dir, "log.jsonl"), {
+        "step": step, "tokens": tokens, "lr": lr, "val_loss": next(iter(losses.values())),
+        **{f"val_loss_{name}": value for name, value in losses.items()}})
+    save_checkpoint(os.path.join(loop.out_dir, "ckpt.pt"), model, optimizer, step, record)
+    if step in loop.keep:
+        save_checkpoint(os.path.join(loop.out_dir, f"ckpt_{step}.pt"), model, optimizer, step, record)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device):
+    """Mean loss per target token over fixed validation batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_for(device):
+            _, loss = model(batch["x"], batch["y"], batch.get("doc_ids"), batch["pos_ids"])
+        n = int((batch["y"] != -1).sum())
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / count
+
+
+class Speedometer:
+    """Tokens per second since the last read, and MFU on a GPU whose peak we know."""
+
+    PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
+                 "RTX 3090": 71e12, "A10G": 70e12, "L4": 121e12}  # dense tensor-core FLOP/s, datasheets
+
+    def __init__(self, model, loop):
+        self.model, self.world, self.t, self.tokens, self.seq_len = model, loop.world, time.time(), 0, None
+        name = torch.cuda.get_device_name(loop.device) if loop.device.startswith("cuda") else ""
+        self.peak = next((flops for key, flops in self.PEAK_BF16.items() if key in name), None)
+
+    def add(self, tokens):
+        self.tokens += tokens
+
+    def read(self):
+        tok_s = self.tokens / (time.time() - self.t)
+        self.t, self.tokens = time.time(), 0
+        postfix = {"tok/s": f"{tok_s:,.0f}"}
+        if self.peak:
+            flops = self.model.flops_per_token(self.model.config.block_size) * tok_s / self.world
+            postfix["mfu"] = f"{100 * flops / self.peak:.0f}%"
+        return tok_s, postfix
+
+
+def mean_over_processes(loss, loop):
+    """The loss averaged over all processes (each only saw its slice of the batch)."""
+    if loop.world == 1:
+        return loss.item()
+    loss = loss.detach().float().clone()
+    dist.all_reduce(loss)
+    return loss.item() / loop.world
+
+
+def everyone_agrees_to_stop(requested, loop):
+    """Ctrl-C may reach the processes at different steps; they must stop at the same one."""
+    if loop.world == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=loop.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step():
+    """Ctrl-C sets a flag instead of raising mid-step, so the loop can finish the step,
+    save a checkpoint and exit cleanly. A second Ctrl-C stops at once."""
+    stop = types.SimpleNamespace(requested=False)
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
+    if threading.current_thread() is not threading.main_thread():  # signals only work there
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -----------------------------------------------------------------------------
+# Batches, and MeCo: metadata conditioning, then a cooldown without it
+
+def training_batches(corpus, docs, run, rank=0, world=1):
+    """(next_batch, packing stats): next_batch(index) -> this process's slice of batch
+    `index`. With --meta, batches come from URL-prefixed rows until the cooldown begins."""
+    docmask = data.masks_documents(run.packing)
+    plain = data.pack_split(corpus, docs, run.seq_len, run.packing)
+    if run.meta == "none":
+        return (lambda index: data.get_batch(corpus, plain, run.seq_len, index, run.batch_size, run.seed,
+                                             docmask, rank, world)), data.packing_stats(plain, run.seq_len)
+    meta_corpus = data.with_metadata(corpus, run.meta)
+    if meta_corpus.prefix_lengths.max() + 1 >= run.seq_len:
+        raise BadInput(f"--seq_len {run.seq_len} leaves no room for text after URL prefixes of up to "
+                       f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
+    meta_rows = data.pack_split(meta_corpus, docs, run.seq_len, run.packing)
+    def next_batch(index):
+        if uses_metadata(index // run.grad_accum, run.max_steps, run.meta_cooldown):
+            return data.get_batch(meta_corpus, meta_rows, run.seq_len, index, run.batch_size, run.seed, docmask, rank, world)
+        return data.get_batch(corpus, plain, run.seq_len, index, run.batch_size, run.seed, docmask, rank, world)
+    return next_batch, data.packing_stats(meta_rows, run.seq_len)
+
+
+def uses_metadata(step, max_steps, meta_cooldown):
+    """MeCo ("Metadata Conditioning Accelerates Language Model Pre-training", Gao et al.
+    2025) in two phases: URL prefixes for the first (1 - meta_cooldown) of the steps, then
+    a cooldown on plain documents, so the model also works without metadata. Notice that
+    the LR schedule and the optimizer simply continue, and that the phase is a pure
+    function of the step, so a resumed run switches at the same step."""
+    return step < cooldown_start(max_steps, meta_cooldown)
+
+
+def cooldown_start(max_steps, meta_cooldown):
+    return round((1 - meta_cooldown) * max_steps)
+
+
+def kept_steps(run):
+    """Checkpoints kept beside the last one: MeCo's at the start of its cooldown (to compare
+    the two phases), wsd's at the start of its decay (to extend the run from)."""
+    keep = (cooldown_start(run.max_steps, run.meta_cooldown),) if run.meta != "none" else ()
+    return keep + ((decay_start(run.max_steps, run.decay_frac),) if run.schedule == "wsd" else ())
+
+
+def sample_prompts(corpus, meta):
+    """The end-of-run samples: a plain start and three code starts; a MeCo run adds two
+    URLs (steering: the same start, two different sources)."""
+    prompts = ["", "def ", "class ", "import "]
+    if meta == "url":
+        known = sorted(set(corpus.urls) - {""})
+        wanted = ["docs.python.org/3/library/asyncio.tasks", "docs.python.org/3/library/unittest.mock"]
+        prompts += [f"URL: {url}\n\n" for url in (wanted if set(wanted) <= set(known) else known[:2])]
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule (cpt.py's schedules call it too)
+
+def schedule(run):
+    """step -> learning rate for a pretrain.py run: --schedule cosine, or wsd
+    (warmup-stable-decay: the peak LR until the last --decay_frac of the steps, then an
+    exponential decay to the final LR; see learning_rate's "infinite")."""
+    min_lr = run.lr * run.min_lr_ratio
+    if run.schedule == "wsd":
+        return lambda step: learning_rate(step, run.lr, min_lr, run.warmup, run.max_steps, kind="infinite",
+                                          anneal=run.max_steps - decay_start(run.max_steps, run.decay_frac))
+    return lambda step: learning_rate(step, run.lr, min_lr, run.warmup, run.max_steps)
+
+
+def decay_start(max_steps, decay_frac):
+    """The first step of a wsd run's decay. Its checkpoint is kept: an extended run
+    continues from it, still in the stable phase."""
+    return max_steps - round(decay_frac * max_steps)
 
 
 def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0, kind="cosine",
@@ -84,7 +430,7 @@ def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0, kind="cosin
         progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1
         return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
     if kind != "infinite":
-        raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown schedule kind {kind!r}")
     constant_lr = max_lr if constant_lr is None else constant_lr
     if step < warmup + cooldown:
         progress = (step - warmup) / cooldown  # 0 -> 1
@@ -95,11 +441,81 @@ def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0, kind="cosin
     return constant_lr * (min_lr / constant_lr) ** progress
 
 
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW. Weight decay only on matrices (embeddings and linear weights), not on the
+    norm gains: decaying a gain towards 0 would just fight the normalisation."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
+
+
 # -----------------------------------------------------------------------------
-# Building a run
+# Settings, devices and processes
+
+def settings(args, device, rank):
+    """(run, checkpoint or None): a new Namespace with every setting filled in. With
+    --resume the settings are the checkpoint's and a flag given again must agree with it;
+    otherwise a flag left unset comes from the preset, then from DEFAULTS."""
+    run = argparse.Namespace(**vars(args))
+    run.out_dir = args.out_dir or os.path.join("out", args.preset if args.preset != "auto" else pick_preset(device)[0])
+    if args.resume:
+        return run, resume_settings(run, args.max_steps)
+    why = None
+    if args.preset == "auto":
+        run.preset, why = pick_preset(device)
+    if run.preset not in PRESETS:
+        raise BadInput(f"unknown preset '{run.preset}'; choose auto or one of {', '.join(PRESETS)}")
+    for key, value in {**DEFAULTS, **PRESETS[run.preset]}.items():
+        if getattr(run, key) is None:
+            setattr(run, key, value)
+    if why:
+        say(rank, f"device {device} ({why}) -> preset '{run.preset}': {run.n_layer} layers, {run.n_embd} wide, "
+                  f"{run.seq_len} tokens per row, {run.max_steps} steps on {run.data}")
+    os.makedirs(run.out_dir, exist_ok=True)
+    return run, None
+
+
+def resume_settings(run, max_steps):
+    """--resume: fill `run` from its checkpoint and return the checkpoint to continue from.
+    A wsd run given a larger --max_steps is extended: it continues from the checkpoint kept
+    where its decay began (still at the peak LR) and decays at the new end instead."""
+    path = os.path.join(run.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("args", {})
+    if max_steps is not None and max_steps != saved.get("max_steps"):
+        if saved.get("schedule") != "wsd":
+            raise BadInput(f"--max_steps {max_steps}: {path} was trained for {saved.get('max_steps')} steps with "
+                           "a cosine schedule, whose whole curve depends on the last step, so it cannot be "
+                           "extended; train with --schedule wsd to extend later, or continue it with cpt.py")
+        if max_steps < saved["max_steps"]:
+            raise BadInput(f"--max_steps {max_steps} is shorter than the run's {saved['max_steps']}; a run can only be extended")
+        path = os.path.join(run.out_dir, f"ckpt_{decay_start(saved['max_steps'], saved['decay_frac'])}.pt")
+        ckpt = load_checkpoint(path)
+        saved = {**ckpt["args"], "max_steps": max_steps}
+        print(f"extending the wsd run from {saved.get('max_steps')} to {max_steps} steps: continuing from {path}")
+    inherit(run, saved, path)
+    return ckpt
+
+
+def inherit(run, saved, path, skip=NOT_SETTINGS):
+    """--resume: every setting from the checkpoint, unless the flag was given; a given flag
+    must agree, so that a resumed run computes exactly what the original would have."""
+    differ = []
+    for key, value in saved.items():
+        if key in skip or not hasattr(run, key):
+            continue
+        if getattr(run, key) is None:
+            setattr(run, key, value)
+        elif getattr(run, key) != value:
+            differ.append(f"{key}={value!r} (now {getattr(run, key)!r})")
+    if differ:
+        raise BadInput(f"checkpoint {path} is from another configuration: {', '.join(differ)}; "
+                       "leave those flags out to continue it as it was, or use a new --out_dir")
+
 
 def pick_device(requested):
-    if requested == "auto":
+    if requested in (None, "auto"):
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
@@ -118,44 +534,23 @@ def pick_preset(device):
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         gb = props.total_memory / 2**30
-        preset = "gpt2" if gb >= 40 else "laptop"
-        return preset, f"{props.name} with {gb:.0f} GB"
+        return ("gpt2" if gb >= 40 else "laptop"), f"{props.name} with {gb:.0f} GB"
     if device == "mps":
         return "laptop", "Apple GPU (MPS)"
     return "cpu", f"no GPU; {torch.get_num_threads()} CPU threads"
 
 
-def setup_distributed(args):
-    """Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE in the environment) join the process
-    group: NCCL between GPUs, gloo between CPU processes; each process drives the GPU of its
-    LOCAL_RANK. Sets args.rank and args.world (0 and 1 for a plain run). Safe to call twice."""
-    args.world = int(os.environ.get("WORLD_SIZE", "1"))
-    args.rank = int(os.environ.get("RANK", "0"))
-    if args.world > 1 and not dist.is_initialized():
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-
-
-def resolve_args(args):
-    """Fill everything the user left unset from the preset for the chosen device."""
-    args.device = pick_device(args.device)
-    setup_distributed(args)
-    why = None
-    if args.preset == "auto":
-        args.preset, why = pick_preset(args.device)
-    if args.preset not in PRESETS:
-        raise BadInput(f"unknown preset '{args.preset}'; choose auto or one of {', '.join(PRESETS)}")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out_dir is None:
-        args.out_dir = os.path.join("out", args.preset)
-    if why and args.rank == 0:
-        print(f"device {args.device} ({why}) -> preset '{args.preset}': {args.n_layer} layers, "
-              f"{args.n_embd} wide, {args.seq_len} tokens per row, {args.max_steps} steps on {args.data}")
-    return args
+def setup_distributed(device):
+    """(rank, world, device). Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE in the
+    environment) join the process group: NCCL between GPUs, gloo between CPU processes;
+    each process drives the GPU of its LOCAL_RANK. A plain run is rank 0 of 1."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
 
 
 def autocast_for(device):
@@ -165,298 +560,23 @@ def autocast_for(device):
     return contextlib.nullcontext()
 
 
-def make_optimizer(model, args, device):
-    """AdamW. Weight decay only on matrices (embeddings and linear weights), not on the
-    norm gains: decaying a gain towards 0 would just fight the normalisation."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": args.weight_decay},
-              {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.startswith("cuda"))
-
-
-def train(args):
-    """pretrain.py's whole run: data, model, optimizer, then fit(), plots and samples."""
-    args = resolve_args(args)
-    torch.manual_seed(args.seed)
-    if args.rank > 0:
-        dist.barrier()  # wait while process 0 tokenizes and caches, then read its cache
-    corpus = data.load_corpus(args.data, quiet=args.rank > 0)
-    if args.rank == 0 and args.world > 1:
-        dist.barrier()
-    train_docs, val_docs = data.split_documents(corpus)
-    meta_corpus = data.with_metadata(corpus, args.meta)  # the same corpus when --meta none
-    if meta_corpus.prefix_lengths.max() + 1 >= args.seq_len:
-        raise BadInput(f"--seq_len {args.seq_len} leaves no room for text after URL prefixes of up to "
-                       f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
-    train_rows = data.pack_split(corpus, train_docs, args.seq_len, args.packing)
-    meta_rows = data.pack_split(meta_corpus, train_docs, args.seq_len, args.packing) if args.meta != "none" else None
-    stats = data.packing_stats(meta_rows or train_rows, args.seq_len)
-    baseline = data.unigram_loss(corpus, train_docs, val_docs)
-    say(args, f"data {args.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
-              f"({len(train_docs):,} train / {len(val_docs):,} val documents); "
-              f"unigram baseline {baseline:.3f} nats")
-    say(args, f"packing {args.packing}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
-
-    config = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config).to(args.device)
-    optimizer = make_optimizer(model, args, args.device)
-    start_step = 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        start_step = resume(ckpt_path, model, optimizer, args, corpus)
-    os.makedirs(args.out_dir, exist_ok=True)
-    say(args, f"model: {model.num_params() / 1e6:.1f}M parameters; writing to {args.out_dir}"
-              + (f"; {args.world} processes" if args.world > 1 else ""))
-
-    docmask = args.packing != "concat"
-    def next_batch(index):
-        if uses_metadata(index // args.grad_accum, args):
-            return data.get_batch(meta_corpus, meta_rows, args.seq_len, index, args.batch_size, args.seed, docmask,
-                                  args.rank, args.world)
-        return data.get_batch(corpus, train_rows, args.seq_len, index, args.batch_size, args.seed, docmask,
-                              args.rank, args.world)
-    eval_sets = validation_sets(corpus, val_docs, args, args.data, args.meta)
-    min_lr = args.lr * args.min_lr_ratio
-    def lr_at(step):
-        return learning_rate(step, args.lr, min_lr, args.warmup, args.max_steps)
-
-    extra = {"data": corpus.info, "packing_stats": stats, "unigram_loss": baseline}
-    if args.rank == 0:
-        with open(os.path.join(args.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
-            json.dump({"args": vars(args), "parameters": model.num_params(), **extra}, f, indent=1)
-    # MeCo also keeps the model as it was when the cooldown began, to compare the two phases.
-    keep = {cooldown_start(args.max_steps, args.meta_cooldown)} if args.meta != "none" else set()
-    fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra, keep)
-    if args.rank > 0:
-        return  # plots and samples come from process 0
-    plot_losses(args.out_dir, baseline)
-    plot_lr(args.out_dir, lr_at, args.max_steps)
-    prompts = ["", "def ", "class ", "import "]
-    if args.meta == "url":  # steering by metadata: the same start, two different sources
-        known = set(corpus.urls) - {""}
-        urls = STEERING_URLS if known.issuperset(STEERING_URLS) else sorted(known)[:2]
-        prompts += [f"URL: {url}\n\n" for url in urls]
-    write_samples(model, args, prompts)
-
-
-def validation_sets(corpus, val_docs, args, name, meta="none"):
-    """The held-out batches every evaluation scores (cpt.py's too): the same rows every
-    time, documents masked apart, so each document is scored as if it were alone,
-    whatever the training packing. {name: batches without metadata}, the number that
-    matters, and for MeCo runs also {name_url: the same with URLs} (or name_hash).
-
-    The rows are laid out with room for URL prefixes in every run: rendered with or
-    without them they hold exactly the same text tokens, so the baseline and MeCo with
-    and without URLs are all scored on identical text."""
-    layout = data.with_metadata(corpus, "url") if any(corpus.urls) else corpus
-    if layout.prefix_lengths.max() + 1 >= args.seq_len:  # rows too short to keep the room
-        layout = corpus
-    rows = data.pack_split(layout, val_docs, args.seq_len, "bestfit")
-    def batches(corpus, rows):
-        return [data.get_batch(corpus, rows, args.seq_len, i, args.batch_size, seed=0) for i in range(args.eval_batches)]
-    sets = {name: batches(corpus, data.without_prefixes(rows, layout))}
-    if meta == "url":
-        sets[f"{name}_url"] = batches(layout, rows)
-    elif meta == "hash":  # hashed prefixes have other lengths: their own rows
-        hashed = data.with_metadata(corpus, "hash")
-        sets[f"{name}_hash"] = batches(hashed, data.pack_split(hashed, val_docs, args.seq_len, "bestfit"))
-    return sets
-
-
-def uses_metadata(step, args):
-    """MeCo's two phases: URL prefixes for the first (1 - meta_cooldown) of the steps, then
-    a cooldown on plain documents, so the model also works without metadata. The learning
-    rate schedule and the optimizer simply continue. A pure function of step: resumable."""
-    return args.meta != "none" and step < cooldown_start(args.max_steps, args.meta_cooldown)
-
-
-def cooldown_start(max_steps, meta_cooldown):
-    return round((1 - meta_cooldown) * max_steps)
-
-
-# -----------------------------------------------------------------------------
-# The training loop (cpt.py calls this too)
-
-def fit(model, optimizer, args, next_batch, eval_sets, lr_at, start_step, extra, keep=()):
-    """Train from start_step to args.max_steps.
-
-    next_batch(index) -> batch dict, a pure function of index, so resuming is exact.
-    eval_sets: {name: [batches]}, scored every args.eval_interval steps and at the end.
-    lr_at(step) -> learning rate. extra: what else to record in the checkpoint.
-    keep: steps whose checkpoint is also kept, as ckpt_<step>.pt.
-    Checkpoints are written at every evaluation; Ctrl-C finishes the current step,
-    writes one and exits. Under torchrun every process runs this loop on its own slice of
-    each batch; DistributedDataParallel averages the gradients; process 0 writes."""
-    setup_distributed(args)
-    device, main_process = args.device, args.rank == 0
-    compiled = torch.compile(model) if args.compile else model
-    if args.world > 1:
-        compiled = DistributedDataParallel(compiled, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    autocast = autocast_for(device)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if main_process:
-        trim_log(log_path, start_step)  # a resumed run rewrites what came after its checkpoint
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * args.world
-    flops_per_token = model.flops_per_token(args.seq_len)
-    peak = peak_flops(device)
-    use_doc_ids = args.packing != "concat"  # only plain concat attends across documents
-
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-               desc="train", dynamic_ncols=True, disable=args.quiet or not main_process)
-    model.train()
-    t_last, steps_since = time.time(), 0
-    with ctrl_c_finishes_the_step() as stop:
-        for step in bar:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(args.grad_accum):
-                batch = next_batch(step * args.grad_accum + micro)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                # DDP averages gradients across processes inside backward(); between
-                # micro-steps there is nothing worth averaging yet, so skip it until the last.
-                last = micro == args.grad_accum - 1
-                with contextlib.nullcontext() if last or args.world == 1 else compiled.no_sync():
-                    with autocast:
-                        _, loss = compiled(batch["x"], batch["y"], batch["doc_ids"] if use_doc_ids else None,
-                                           batch["pos_ids"])
-                    (loss / args.grad_accum).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps_since += 1
-            done = step + 1
-            stopping = everyone_agrees_to_stop(stop.requested, args)
-
-            # Reading the loss makes the CPU wait for the GPU, so it happens every
-            # log_interval steps rather than every step.
-            if done % args.log_interval == 0 or done == args.max_steps:
-                loss_value = mean_over_processes(loss, args)
-                if not math.isfinite(loss_value):
-                    raise BadInput(f"loss became {loss_value} at step {done}; the last good checkpoint "
-                                   f"is kept in {args.out_dir} (try a lower --lr)")
-                tok_s = steps_since * tokens_per_step / (time.time() - t_last)
-                t_last, steps_since = time.time(), 0
-                postfix = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tok_s:,.0f}"}
-                if peak:
-                    postfix["mfu"] = f"{100 * flops_per_token * tok_s / args.world / peak:.0f}%"
-                bar.set_postfix(postfix)
-                if main_process:
-                    append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
-                                          "loss": loss_value, "tok_s": round(tok_s)})
-
-            if done % args.eval_interval == 0 or done == args.max_steps or stopping or done in keep:
-                losses = {name: evaluate(model, batches, args) for name, batches in eval_sets.items()}
-                if not all(map(math.isfinite, losses.values())):
-                    raise BadInput(f"validation loss is not finite at step {done}; the last good "
-                                   f"checkpoint is kept in {args.out_dir} (try a lower --lr)")
-                if main_process:
-                    bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.3f}" for k, v in losses.items()))
-                    append_log(log_path, {"step": done, "tokens": done * tokens_per_step, "lr": lr,
-                                          "val_loss": next(iter(losses.values())),
-                                          **{f"val_loss_{name}": value for name, value in losses.items()}})
-                    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), model, optimizer, args, done, extra)
-                    if done in keep:
-                        save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), model, optimizer, args, done, extra)
-            if stopping:
-                bar.close()
-                sys.exit(f"interrupted: checkpoint saved at step {done}; continue with "
-                         f"python {os.path.basename(sys.argv[0])} --resume --out_dir {args.out_dir}")
-    bar.close()
-    if args.world > 1:
-        dist.barrier()  # nobody leaves before process 0 has written the last checkpoint
-        dist.destroy_process_group()
-
-
-def mean_over_processes(loss, args):
-    """The loss averaged over all processes (each only saw its slice of the batch)."""
-    if args.world == 1:
-        return loss.item()
-    loss = loss.detach().float().clone()
-    dist.all_reduce(loss)
-    return loss.item() / args.world
-
-
-def everyone_agrees_to_stop(requested, args):
-    """Ctrl-C may reach the processes at different steps; they must stop at the same one."""
-    if args.world == 1:
-        return requested
-    flag = torch.tensor([float(requested)], device=args.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-@torch.no_grad()
-def evaluate(model, batches, args):
-    """Mean loss per target token over fixed validation batches."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(args.device) for k, v in batch.items()}
-        with autocast_for(args.device):
-            _, loss = model(batch["x"], batch["y"], batch["doc_ids"], batch["pos_ids"])
-        n = int((batch["y"] != -1).sum())
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / count
-
-
-def say(args, message):
+def say(rank, message):
     """print, from process 0 only."""
-    if args.rank == 0:
+    if rank == 0:
         print(message)
-
-
-@contextlib.contextmanager
-def ctrl_c_finishes_the_step():
-    """Ctrl-C sets a flag instead of raising mid-step, so the loop can finish the step,
-    save a checkpoint and exit cleanly. A second Ctrl-C stops at once."""
-    stop = types.SimpleNamespace(requested=False)
-    def handler(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
-    if threading.current_thread() is not threading.main_thread():  # signals only work there
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def peak_flops(device):
-    """Dense bf16 tensor-core peak of a few known GPUs (vendor datasheets), for MFU."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
-             "RTX 3090": 71e12, "A10G": 70e12, "L4": 121e12}
-    return next((flops for key, flops in table.items() if key in name), None)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints and logs
 
-def save_checkpoint(path, model, optimizer, args, step, extra):
+def save_checkpoint(path, model, optimizer, step, record):
     """Everything a resumed run needs. Written to a temporary file, flushed to disk, then
     renamed over the old checkpoint: a crash at any moment leaves either the old or the
     new checkpoint, never half of one."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": asdict(model.config),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "step": step,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        **extra,
-    }
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
+             "step": step, "rng": {"torch": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+             **record}
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -479,29 +599,22 @@ def load_checkpoint(path):
                        "it is damaged or not a minipretrain checkpoint")
 
 
-def resume(path, model, optimizer, args, corpus, keys=RUN_KEYS):
-    """Load a checkpoint into model and optimizer; check it belongs to this run (the
-    flags named in `keys` agree; cpt.py passes its own)."""
-    ckpt = load_checkpoint(path)
-    differ = [f"{k}={ckpt['args'].get(k)!r} (now {getattr(args, k)!r})" for k in keys
-              if ckpt["args"].get(k) != getattr(args, k)]
-    if differ:
-        raise BadInput(f"checkpoint {path} is from another configuration: {', '.join(differ)}; "
-                       "pass the same flags as the original run, or use a new --out_dir")
+def restore(ckpt, model, optimizer, corpus, world):
+    """Put a checkpoint's weights, optimizer and RNG back; check it was trained on these
+    tokens. Returns the step to continue from."""
     if ckpt["data"].get("fingerprint") != corpus.info.get("fingerprint") or ckpt["data"]["tokens"] != corpus.info["tokens"]:
-        raise BadInput(f"checkpoint {path} was trained on other data ({ckpt['data']['tokens']:,} tokens, "
-                       f"now {corpus.info['tokens']:,}); the files behind --data {args.data} changed")
+        raise BadInput(f"the checkpoint was trained on other data ({ckpt['data']['tokens']:,} tokens, "
+                       f"now {corpus.info['tokens']:,}); the files behind --data {corpus.info['source']} changed")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     before = ckpt["args"].get("world", 1)
-    if before != args.world:
-        say(args, f"note: {path} was written by {before} process(es), now there are {args.world}: each step "
-                  f"now reads {args.world} x {args.batch_size} rows instead of {before} x {args.batch_size}, and "
-                  f"the run continues from step {ckpt['step']} with that batch (not the data order it had)")
-    say(args, f"resuming from {path} at step {ckpt['step']}")
+    if before != world:
+        print(f"note: the checkpoint was written by {before} process(es), now there are {world}: the run "
+              f"continues from step {ckpt['step']} with a {world}-process batch (not the data order it had)")
+    print(f"resuming at step {ckpt['step']}")
     return ckpt["step"]
 
 
@@ -535,17 +648,25 @@ def trim_log(path, step):
 # -----------------------------------------------------------------------------
 # Plots and samples
 
-def plot_losses(out_dir, baseline=None):
-    """loss.png: train and validation loss against tokens seen, learning rate on the right."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files (no window needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(out_dir, baseline=None):
+    """loss.png: train loss and every validation set's loss (CPT: old and new domain; MeCo:
+    with and without URLs) against tokens seen, the learning rate on the right."""
+    plt = pyplot()
     log = read_log(os.path.join(out_dir, "log.jsonl"))
-    train = [r for r in log if "loss" in r]
-    val = [r for r in log if "val_loss" in r]
+    train, val = [r for r in log if "loss" in r], [r for r in log if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train")
-    ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    for key in (val[0] if val else {}):
+        if key.startswith("val_loss_"):
+            ax.plot([r["tokens"] for r in val], [r[key] for r in val], "o-", ms=4, label=f"validation {key[9:]}")
     if baseline:
         ax.axhline(baseline, ls="--", c="gray", lw=1, label=f"unigram baseline {baseline:.2f}")
     ax.set_xlabel("tokens")
@@ -560,43 +681,39 @@ def plot_losses(out_dir, baseline=None):
 
 
 def plot_lr(out_dir, lr_at, total, title=None):
-    """lr.png: the schedule itself, lr_at(step) at every step 0..total-1 (the log only
-    holds every log_interval-th step, which hides a short warmup)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """lr.png: the schedule itself at every step (the log holds every log_interval-th step,
+    which hides a short warmup)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(range(total), [lr_at(step) for step in range(total)], c="tab:green")
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
+    ax.set(xlabel="step", ylabel="learning rate", title=title)
     ax.set_ylim(bottom=0)
-    if title:
-        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "lr.png"), dpi=120)
     plt.close(fig)
 
 
-def write_samples(model, args, prompts, max_new_tokens=None):
-    """samples.txt: one continuation per prompt, each starting from a fresh document."""
-    n = args.sample_tokens if max_new_tokens is None else max_new_tokens
-    if n <= 0:
-        return
+def generate_text(model, device, start, max_new_tokens, seed):
+    """A continuation of `start`, as a fresh document ([EOT] first). Seeded: the same
+    weights and start give the same text."""
     encoder = data.get_tokenizer()
+    idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(start)], device=device)
+    torch.manual_seed(seed)
+    with autocast_for(device):
+        out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=200)
+    return encoder.decode(out[0, 1:].tolist())
+
+
+def write_samples(model, out_dir, device, prompts, max_new_tokens, seed):
+    """samples.txt: one continuation per prompt."""
+    if max_new_tokens <= 0:
+        return
     model.eval()
-    torch.manual_seed(args.seed)  # the same samples from the same weights
-    texts = []
-    for prompt in prompts:
-        idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(prompt)], device=args.device)
-        with autocast_for(args.device):
-            out = model.generate(idx, n, temperature=0.8, top_k=200)
-        texts.append(encoder.decode(out[0, 1:].tolist()))
-    path = os.path.join(args.out_dir, "samples.txt")
+    texts = [generate_text(model, device, prompt, max_new_tokens, seed) for prompt in prompts]
+    path = os.path.join(out_dir, "samples.txt")
     with open(path, "w") as f:
-        for prompt, text in zip(prompts, texts):
-            f.write(f"=== prompt {prompt!r}\n{text}\n\n")
-    if not args.quiet:
-        print(f"samples written to {path}; the first one:\n{texts[0][:400]}")
+        f.writelines(f"=== prompt {prompt!r}\n{text}\n\n" for prompt, text in zip(prompts, texts))
+    print(f"samples written to {path}; the first one:\n{texts[0][:400]}")
 
 
 def sample(args):
@@ -605,31 +722,33 @@ def sample(args):
     the URL may be real or made up. Without --url it is a plain continuation."""
     if not args.init:
         raise BadInput("--sample needs --init PATH/ckpt.pt, the checkpoint to generate from")
-    args.device = pick_device(args.device)
-    model = load_model(args.init, args.device)
-    encoder = data.get_tokenizer()
-    start = f"URL: {args.url}\n\n" if args.url else ""
-    idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(start + args.prompt)], device=args.device)
-    torch.manual_seed(args.seed)
-    with autocast_for(args.device):
-        out = model.generate(idx, args.sample_tokens, temperature=0.8, top_k=200)
-    print(encoder.decode(out[0, 1:].tolist()))
+    device = pick_device(args.device)
+    model = load_model(args.init, device)
+    start = (f"URL: {args.url}\n\n" if args.url else "") + args.prompt
+    print(generate_text(model, device, start, args.sample_tokens or DEFAULTS["sample_tokens"],
+                        DEFAULTS["seed"] if args.seed is None else args.seed))
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain a GPT. Flags left unset come from the preset.")
+    p = argparse.ArgumentParser(description="Pretrain a GPT. Flags left unset come from the preset "
+                                "(with --resume: from the run's checkpoint).")
     p.add_argument("--data", help=f"training text: {data.SOURCES_HELP} (default: the preset's)")
     p.add_argument("--out_dir", help="where checkpoints, logs, plots and samples go (default out/<preset>)")
     p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
-    p.add_argument("--packing", default="bestfit", choices=data.PACKINGS, help="how documents are laid into rows")
-    p.add_argument("--meta", default="none", choices=data.METAS,
-                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing")
-    p.add_argument("--meta_cooldown", type=float, default=0.1, help="MeCo: last fraction of steps without metadata")
+    p.add_argument("--attn_backend", choices=("auto", "sdpa", "reference", "cuda"),
+                   help="attention: kernels.cu (cuda), its PyTorch mirror (reference), sdpa, or auto (default)")
+    p.add_argument("--packing", choices=data.PACKINGS, help="how documents are laid into rows (default bestfit)")
+    p.add_argument("--meta", choices=data.METAS,
+                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing (default)")
+    p.add_argument("--meta_cooldown", type=float, help="MeCo: last fraction of steps without metadata (default 0.1)")
+    p.add_argument("--schedule", choices=("cosine", "wsd"),
+                   help="learning rate after warmup: cosine decay (default), or warmup-stable-decay (extendable)")
+    p.add_argument("--decay_frac", type=float, help="wsd: the last fraction of steps that decays (default 0.2)")
     p.add_argument("--max_steps", type=int)
     p.add_argument("--n_layer", type=int)
     p.add_argument("--n_head", type=int)
@@ -638,31 +757,23 @@ def build_parser():
     p.add_argument("--batch_size", type=int, help="rows per micro-step")
     p.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate / peak")
+    p.add_argument("--min_lr_ratio", type=float, help="final learning rate / peak (default 0.1)")
     p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--weight_decay", type=float, help="(default 0.1)")
+    p.add_argument("--grad_clip", type=float, help="(default 1.0)")
     p.add_argument("--eval_interval", type=int)
     p.add_argument("--eval_batches", type=int, help="validation batches per evaluation")
-    p.add_argument("--log_interval", type=int, default=10)
-    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+    p.add_argument("--log_interval", type=int, help="(default 10)")
+    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"),
                    help="torch.compile the model (default: on for GPU presets)")
-    p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample at the end (0: none)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--sample_tokens", type=int, help="tokens per sample at the end (default 200; 0: none)")
+    p.add_argument("--seed", type=int, help="(default 1337)")
     p.add_argument("--sample", action="store_true", help="only generate text from --init (no training)")
     p.add_argument("--init", help="with --sample: the checkpoint to generate from")
     p.add_argument("--url", default="", help="with --sample: steer generation with this URL, as MeCo trains it")
     p.add_argument("--prompt", default="", help="with --sample: the text to continue")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
     return p
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        sample(args) if args.sample else train(args)
-    except BadInput as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ import pretrain
 from model import GPT, GPTConfig
 model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=128))
 optimizer = torch.optim.AdamW(model.parameters())
-args = pretrain.build_parser().parse_args([])
 step = 0
 while True:  # ~30 MB a checkpoint: a kill usually lands mid-write
     step += 1
     with torch.no_grad():
         model.wte.weight.fill_(step)
-    pretrain.save_checkpoint({path!r}, model, optimizer, args, step, {{}})
+    pretrain.save_checkpoint({path!r}, model, optimizer, step, {{}})
     print(step, flush=True)
 """
 

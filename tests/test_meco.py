@@ -83,8 +83,7 @@ def test_meta_without_urls_is_a_clear_error(tmp_path):
 
 
 def test_cooldown_switches_at_the_exact_step(tmp_path, monkeypatch):
-    args = pretrain.build_parser().parse_args(["--meta", "url", "--meta_cooldown", "0.1", "--max_steps", "100"])
-    phases = [pretrain.uses_metadata(step, args) for step in range(120)]
+    phases = [pretrain.uses_metadata(step, max_steps=100, meta_cooldown=0.1) for step in range(120)]
     assert phases == [True] * 90 + [False] * 30
 
     seen = []  # which corpus each training batch came from, by batch index

@@ -100,10 +100,8 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     model = torch.nn.Linear(2, 2)
     model.config = pretrain.GPTConfig()
-    args = pretrain.build_parser().parse_args(tiny_args(tmp_path))
     with pytest.raises(OSError):
-        pretrain.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.SGD(model.parameters(), 0.1),
-                                 args, 99, {})
+        pretrain.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.SGD(model.parameters(), 0.1), 99, {})
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert os.listdir(tmp_path).count("ckpt.pt.tmp") == 0
 
