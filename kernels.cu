@@ -41,7 +41,7 @@
 // straight into P @ V without touching shared memory.
 //
 // Clear before clever: what a faster kernel would do, and this one does not (each is
-// a good exercise, measured with `python bench.py attention`):
+// a good exercise, measured with `python bench/attention.py`):
 //   - swizzle shared memory (XOR the column by the row) instead of padding rows;
 //   - double-buffer Q and dO in the backward pass, as K and V are in the forward pass;
 //   - stage O, dK and dV through shared memory so global stores are 16 bytes wide;
@@ -50,6 +50,7 @@
 // Papers: FlashAttention (Dao et al. 2022), FlashAttention-2 (Dao 2023).
 
 #include <torch/extension.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -283,7 +284,8 @@ struct Params {
 };
 
 // -----------------------------------------------------------------------------
-// Forward: model.py flash_forward. Grid: (query tiles, B * H); longest tiles first.
+// Forward: model.py flash_forward. Grid: (B * H, query tiles), B * H on x because x
+// may reach 2^31 - 1 where y stops at 65,535; longest tiles first.
 
 template <typename scalar_t, int HEAD_DIM>
 constexpr int forward_smem_bytes() {
@@ -300,10 +302,11 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_forward_kernel(const Pa
     scalar_t* Vs = Ks + 2 * BLOCK_N * LD;              // (2, BLOCK_N, LD)
 
     // Which tile. The last query tiles visit the most key tiles (causal), so they are
-    // started first and the short ones fill in the gaps at the end.
+    // started first (blocks start in blockIdx order, x fastest: every (batch, head) of
+    // the last tile, then of the one before...) and the short ones fill the gaps at the end.
     const int T = p.T;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_M;
-    const int bh = blockIdx.y, b = bh / p.H;
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_M;
+    const int bh = blockIdx.x, b = bh / p.H;
     const size_t offset = (size_t)bh * T * HEAD_DIM;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + offset;
     const scalar_t* k = static_cast<const scalar_t*>(p.k) + offset;
@@ -325,6 +328,15 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_forward_kernel(const Pa
     load_tile<scalar_t, HEAD_DIM, BLOCK_N>(Ks, k, n_start, T);
     load_tile<scalar_t, HEAD_DIM, BLOCK_N>(Vs, v, n_start, T);
     cp_async_commit();
+
+    // doc_start's binary search needs sorted ids: unsorted ones would skip key tiles that
+    // hold visible keys, a plausible wrong answer. So while the tiles load, each block
+    // checks its own query rows, i against i + 1 (the blocks of a row of the batch check
+    // every pair between them), and a block that finds a pair out of order writes NaN
+    // for all its rows: loud, never plausible. Cost: one load and one barrier per thread.
+    const int i_check = m0 + threadIdx.x;
+    const bool unsorted = __syncthreads_or(docs && threadIdx.x < BLOCK_M && i_check + 1 < T &&
+                                           docs[i_check] > docs[i_check + 1]);
 
     float m[2] = {-INFINITY, -INFINITY};  // m: running row max of S
     float l[2] = {0.f, 0.f};              // l: running row sum of 2^(S - m), this lane's columns only
@@ -417,14 +429,14 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_forward_kernel(const Pa
     // padded rows (>= T) may have l = 0 and are not written.
     for (int r = 0; r < 2; ++r) {
         const float row_l = quad_sum(l[r]);
-        const float inv_l = row_l > 0.f ? 1.f / row_l : 0.f;
+        const float inv_l = unsorted ? NAN : row_l > 0.f ? 1.f / row_l : 0.f;  // unsorted: the check above
         if (row[r] >= T) continue;
         scalar_t* o_row = o + (size_t)row[r] * HEAD_DIM;
         for (int c = 0; c < HEAD_DIM / 8; ++c) {
             *reinterpret_cast<uint32_t*>(o_row + 8 * c + 2 * t) =
                 pack2<scalar_t>(acc[c][2 * r] * inv_l, acc[c][2 * r + 1] * inv_l);
         }
-        if (t == 0) p.lse[(size_t)bh * T + row[r]] = m[r] + log2f(row_l);
+        if (t == 0) p.lse[(size_t)bh * T + row[r]] = unsorted ? NAN : m[r] + log2f(row_l);
     }
 }
 
@@ -446,7 +458,7 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_backward_preprocess_ker
 }
 
 // -----------------------------------------------------------------------------
-// Backward, step 2: model.py flash_backward. Grid: (key tiles, B * H).
+// Backward, step 2: model.py flash_backward. Grid: (B * H, key tiles), as in the forward.
 //
 // Each warp owns 16 keys, so it computes the transposes of the mirror's tiles:
 // St = S.mT (keys x queries), Pt, dPt, dSt. That way Pt and dSt are A operands in
@@ -480,8 +492,8 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_backward_kernel(const P
     float* delta_s = lse_s + BLOCK_M;                               // (BLOCK_M,)
 
     const int T = p.T;
-    const int n0 = blockIdx.x * BLOCK_N;
-    const int bh = blockIdx.y, b = bh / p.H;
+    const int n0 = blockIdx.y * BLOCK_N;
+    const int bh = blockIdx.x, b = bh / p.H;
     const size_t offset = (size_t)bh * T * HEAD_DIM;
     const scalar_t* q = static_cast<const scalar_t*>(p.q) + offset;
     const scalar_t* k = static_cast<const scalar_t*>(p.k) + offset;
@@ -637,9 +649,13 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_backward_kernel(const P
 }
 
 // -----------------------------------------------------------------------------
-// Host side: check the tensors, fill Params, launch. The Python side (model.py,
-// CudaAttention) allocates every output and passes the current CUDA stream, so this
-// file needs only torch's CPU headers (CI compile-checks it on machines without CUDA).
+// Host side: check the tensors, fill Params, launch. The Python side (model.py, the
+// operator's CUDA implementation) allocates every buffer, zeroes dq_accum and converts
+// it to dq, all on torch's current stream of q's device, and passes that stream: every
+// launch here goes on it, under a guard that makes q's device current, so no kernel can
+// run ahead of the memory it reads, whichever GPU or stream the caller is on. Only
+// torch's CPU headers are needed (c10::DeviceGuard is device-generic), so CI can
+// compile-check this file on a machine without CUDA's libraries.
 
 static void check_cuda(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, "attention kernel: ", what, ": ", cudaGetErrorString(err));
@@ -650,7 +666,7 @@ static void launch_forward(const Params& p, cudaStream_t stream) {
     constexpr int smem = forward_smem_bytes<scalar_t, HEAD_DIM>();
     auto kernel = attention_forward_kernel<scalar_t, HEAD_DIM>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "shared memory");
-    dim3 grid((p.T + BLOCK_M - 1) / BLOCK_M, p.B * p.H);
+    dim3 grid(p.B * p.H, (p.T + BLOCK_M - 1) / BLOCK_M);
     kernel<<<grid, NUM_THREADS, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "forward launch");
 }
@@ -664,7 +680,7 @@ static void launch_backward(const Params& p, cudaStream_t stream) {
     constexpr int smem = backward_smem_bytes<scalar_t, HEAD_DIM>();
     auto kernel = attention_backward_kernel<scalar_t, HEAD_DIM>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "shared memory");
-    dim3 grid((p.T + BLOCK_N - 1) / BLOCK_N, p.B * p.H);
+    dim3 grid(p.B * p.H, (p.T + BLOCK_N - 1) / BLOCK_N);
     kernel<<<grid, NUM_THREADS, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "backward launch");
 }
@@ -690,6 +706,7 @@ static void launch(Pass pass, int head_dim, const Params& p, cudaStream_t stream
 }
 
 static void launch(Pass pass, const at::Tensor& q, const Params& p, int64_t stream) {
+    const c10::DeviceGuard guard(q.device());  // launches and cudaFuncSetAttribute act on the current device
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (q.scalar_type() == at::kBFloat16) launch<__nv_bfloat16>(pass, q.size(3), p, s);
     else launch<__half>(pass, q.size(3), p, s);
@@ -708,20 +725,26 @@ static void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* n
                 " must start on a 16-byte boundary");
 }
 
+// lse, delta (B, H, T) and dq_accum (B, H, T, D): dense float32 on q's device.
+static void check_float(const at::Tensor& t, at::IntArrayRef sizes, const at::Tensor& q, const char* name) {
+    TORCH_CHECK(t.device() == q.device() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == sizes,
+                "attention kernel: ", name, " must be a dense float32 ", sizes, " tensor on q's device");
+}
+
 static Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                           const at::Tensor& lse, const std::optional<at::Tensor>& doc_ids) {
     TORCH_CHECK(q.is_cuda(), "attention kernel: q must be on a CUDA device, not ", q.device());
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                 "attention kernel: q must be bfloat16 or float16, not ", q.scalar_type());
-    TORCH_CHECK(q.dim() == 4 && q.size(2) > 0, "attention kernel: q must be (B, H, T, D) with T > 0, got ", q.sizes());
+    TORCH_CHECK(q.dim() == 4 && q.size(0) * q.size(1) > 0 && q.size(2) > 0 && q.size(2) <= 65535 * BLOCK_M,
+                "attention kernel: q must be (B, H, T, D) with B * H > 0 and 0 < T <= 65535 * 64 (grid.y), got ",
+                q.sizes());
     check_like_q(q, q, "q");
     check_like_q(k, q, "k");
     check_like_q(v, q, "v");
     check_like_q(o, q, "o");
+    check_float(lse, q.sizes().slice(0, 3), q, "lse");
     const int B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-    TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
-                    lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == T,
-                "attention kernel: lse must be a dense float32 (B, H, T) tensor on q's device");
     Params p{};
     p.q = q.data_ptr();
     p.k = k.data_ptr();
@@ -750,31 +773,29 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     launch(Pass::forward, q, p, stream);
 }
 
-// dq, dk, dv from dout and what the forward pass saved, written into dq, dk, dv.
+// dk, dv and dq_accum (zeroed by the caller; dq in fp32) from dout and what the forward
+// pass saved; delta is scratch (B, H, T), filled by the preprocess.
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& o, const at::Tensor& lse, const std::optional<at::Tensor>& doc_ids,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t stream) {
+              at::Tensor& delta, at::Tensor& dq_accum, at::Tensor& dk, at::Tensor& dv, int64_t stream) {
     Params p = make_params(q, k, v, o, lse, doc_ids);
     check_like_q(dout, q, "dout");
-    check_like_q(dq, q, "dq");
     check_like_q(dk, q, "dk");
     check_like_q(dv, q, "dv");
-    // Allocated on torch's current stream, which is the stream we launch on.
-    at::Tensor delta = at::empty_like(lse);                          // (B, H, T)
-    at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // (B, H, T, D)
+    check_float(delta, q.sizes().slice(0, 3), q, "delta");
+    check_float(dq_accum, q.sizes(), q, "dq_accum");
     p.dout = dout.data_ptr();
     p.delta = delta.data_ptr<float>();
     p.dq_accum = dq_accum.data_ptr<float>();
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
     launch(Pass::backward, q, p, stream);
-    dq.copy_(dq_accum);  // fp32 -> bf16/fp16
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "fused attention forward: fills o and lse",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("o"), py::arg("lse"), py::arg("stream"));
-    m.def("backward", &backward, "fused attention backward: fills dq, dk and dv",
+    m.def("backward", &backward, "fused attention backward: fills delta, dq_accum, dk and dv",
           py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-          py::arg("doc_ids"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("stream"));
+          py::arg("doc_ids"), py::arg("delta"), py::arg("dq_accum"), py::arg("dk"), py::arg("dv"), py::arg("stream"));
 }

@@ -7,7 +7,7 @@ one of three backends that compute the same thing:
 
     "sdpa"       torch.nn.functional.scaled_dot_product_attention (the baseline)
     "reference"  the tiled online-softmax algorithm of kernels.cu, in plain PyTorch
-    "cuda"       kernels.cu, built on first use
+    "cuda"       kernels.cu, built on first use, as one PyTorch operator
 
 Two ideas run through the whole file:
 - doc_ids (B, T): several documents share one row of the batch; token i may attend to
@@ -18,7 +18,9 @@ Two ideas run through the whole file:
 
 import math
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,10 +35,6 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     rope_base: float = 10000.0
-
-
-def padded_vocab_size(n, multiple=64):
-    return ((n + multiple - 1) // multiple) * multiple
 
 
 class BadInput(Exception):
@@ -208,23 +206,23 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
     "auto" runs kernels.cu when q is on a GPU and the kernel can take it, else sdpa; when
     it cannot, it prints one line saying why (once)."""
     if backend == "auto":
-        backend = "sdpa"
-        if q.is_cuda:
-            problem = kernel_problem(q)
-            if problem is None:
-                backend = "cuda"
-            else:
-                say_fallback_once(problem)
+        problem = kernel_problem(q, k, v) if q.is_cuda else "not on a GPU"
+        if q.is_cuda and problem is not None:
+            say_fallback_once(problem)
+        backend = "sdpa" if problem is not None else "cuda"
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
-    if backend == "reference":
-        return reference_attention(q, k, v, doc_ids)
-    if backend == "cuda":
-        problem = kernel_problem(q)
-        if problem is not None:
-            raise BadInput(f"attention backend 'cuda' cannot run: {problem}")
-        return CudaAttention.apply(q, k, v, doc_ids)
-    raise BadInput(f"unknown attention backend '{backend}'; choose auto, sdpa, reference or cuda")
+    if backend not in ("reference", "cuda"):
+        raise BadInput(f"unknown attention backend '{backend}'; choose auto, sdpa, reference or cuda")
+    if backend == "cuda" and q.is_cuda and (problem := kernel_problem(q, k, v)) is not None:
+        raise BadInput(f"attention backend 'cuda' cannot run: {problem}")
+    if doc_ids is not None:
+        doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T), as the kernel reads them
+    # Dense (B, nh, T, hs) lets one offset formula serve q, k, v and o in the kernel. The
+    # copies are made here, outside the operator, where torch.compile can fuse them into
+    # the rotary embedding that makes q and k.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return flash_attention(q, k, v, doc_ids, backend == "reference")[0]
 
 
 def document_causal_mask(doc_ids):
@@ -237,10 +235,82 @@ def document_causal_mask(doc_ids):
 
 def sdpa_attention(q, k, v, doc_ids):
     """PyTorch's fused attention. With documents it needs an explicit (B, 1, T, T) mask,
-    which rules out its flash backend: that is the cost the fused kernel removes."""
+    which rules out its flash backend: that is the cost the fused kernel removes. The mask
+    compares ids for equality, so it is right for any doc_ids, sorted or not."""
+    dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # SDPA takes one dtype: promote mixed ones
     if doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
+
+
+# -----------------------------------------------------------------------------
+# The operator: "reference" and "cuda" are one PyTorch operator, two implementations.
+#
+# torch.library.custom_op makes minipretrain::flash_attention an operator like aten::mm:
+# torch.compile keeps it as one node of its graph (no graph break) and autograd runs the
+# backward registered for it. Inside, kernels.cu runs for CUDA tensors unless `mirror`
+# asks for the mirror (flash_forward, flash_backward below), which runs everywhere else:
+#   "reference"  the mirror, on any device
+#   "cuda"       kernels.cu on a GPU; on a CPU, the mirror inside the same operator,
+#                which is how CI tests the operator without a GPU (opcheck, torch.compile)
+
+@torch.library.custom_op("minipretrain::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                    mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, nh, T, hs) and lse (B, nh, T), log2 of each row's sum of 2^scores."""
+    if mirror or not q.is_cuda:
+        return flash_forward(q, k, v, mirror_doc_ids(doc_ids, q))
+    # Every buffer is allocated here, in sight, on torch's current stream of q's device,
+    # and the kernel runs on that stream (kernels.cu, "Host side").
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)  # (B, nh, T, hs)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, nh, T)
+    load_kernel().forward(q, k, v, doc_ids, o, lse, torch.cuda.current_stream(q.device).cuda_stream)
+    return o, lse
+
+
+@flash_attention.register_fake  # what torch.compile traces with: shapes, dtypes, strides
+def _(q, k, v, doc_ids, mirror):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # as flash_forward
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("minipretrain::flash_attention_backward", mutates_args=())
+def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             o: torch.Tensor, lse: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                             mirror: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv: an operator of its own, so compiled backward graphs hold it too."""
+    if mirror or not q.is_cuda:
+        return flash_backward(do, q, k, v, o, lse, mirror_doc_ids(doc_ids, q))
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()  # do: often a view
+    delta = torch.empty_like(lse)  # (B, nh, T) rowsum(dO * O), the preprocess fills it
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # summed into by atomicAdd
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    load_kernel().backward(do, q, k, v, o, lse, doc_ids, delta, dq_accum, dk, dv,
+                           torch.cuda.current_stream(q.device).cuda_stream)
+    return dq_accum.to(q.dtype), dk, dv
+
+
+@flash_attention_backward.register_fake
+def _(do, q, k, v, o, lse, doc_ids, mirror):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # lse: a loss on it would get no gradient
+    ctx.save_for_backward(*inputs[:3], *output, inputs[3])  # q, k, v, o, lse, doc_ids
+    ctx.mirror = inputs[4]
+
+
+def _backward(ctx, do, _):
+    # Once differentiable: flash_attention_backward has no backward of its own, so a
+    # double backward (a gradient penalty, say) raises instead of dropping terms.
+    dq, dk, dv = flash_attention_backward(do, *ctx.saved_tensors, ctx.mirror)
+    return dq, dk, dv, None, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # -----------------------------------------------------------------------------
@@ -256,31 +326,16 @@ BLOCK_N = 64  # key rows per tile (kernels.cu BLOCK_N)
 LOG2E = 1.4426950408889634  # log2(e): softmax in base 2, because exp2 is one GPU instruction
 
 
-def reference_attention(q, k, v, doc_ids=None, block_m=BLOCK_M, block_n=BLOCK_N):
-    """The "reference" backend. Tests pass small tiles so that short sequences span many."""
-    if doc_ids is not None and (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
+
+def mirror_doc_ids(doc_ids, q):
+    """doc_ids as the mirror takes them: zeros for plain causal (one document per row);
+    refused when unsorted, since the tile ranges binary-search them and would skip
+    visible keys. (On a GPU the check waits for it, as the mirror does at every tile.)"""
+    if doc_ids is None:
+        return torch.zeros(q.size(0), q.size(2), dtype=torch.int32, device=q.device)
+    if (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
         raise BadInput("doc_ids must be non-decreasing along each row")
-    return ReferenceAttention.apply(q, k, v, doc_ids, block_m, block_n)
-
-
-class ReferenceAttention(torch.autograd.Function):
-    """Attention with its own backward: flash_forward saves only O and lse, and
-    flash_backward rebuilds everything else from them, tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, doc_ids, block_m, block_n):
-        if doc_ids is None:  # plain causal = every row is one document
-            doc_ids = torch.zeros(q.size(0), q.size(2), dtype=torch.int32, device=q.device)
-        o, lse = flash_forward(q, k, v, doc_ids, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse, doc_ids)
-        ctx.blocks = (block_m, block_n)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc_ids = ctx.saved_tensors
-        dq, dk, dv = flash_backward(do, q, k, v, o, lse, doc_ids, *ctx.blocks)
-        return dq, dk, dv, None, None, None
+    return doc_ids
 
 
 def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
@@ -299,7 +354,7 @@ def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
     B, H, T, D = q.shape
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel: fp32
     scale_log2 = LOG2E / math.sqrt(D)  # e^(x / sqrt(D)) == 2^(x * scale_log2)
-    o = torch.empty_like(q)
+    o = q.new_empty(q.shape)  # dense, whatever q's strides (as the operator promises)
     lse = torch.empty(B, H, T, dtype=acc_dtype, device=q.device)
     for b in range(B):
         docs = doc_ids[b]  # (T,)
@@ -347,8 +402,7 @@ def flash_backward(do, q, k, v, o, lse, doc_ids, block_m=BLOCK_M, block_n=BLOCK_
     scale_log2 = scale * LOG2E
     delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1)  # (B, H, T) the preprocess: D = rowsum(dO * O)
     dq = torch.zeros(B, H, T, D, dtype=acc_dtype, device=q.device)  # kernel: dq_accum, fp32
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     for b in range(B):
         docs = doc_ids[b]  # (T,)
         for n0 in range(0, T, block_n):  # kernel: one thread block per (b, head, key tile)
@@ -422,10 +476,9 @@ def visible(docs, m0, m1, n0, n1):
     return (j <= i) & (docs[m0:m1, None] == docs[None, n0:n1])
 
 
+
 # -----------------------------------------------------------------------------
-# The cuda backend: kernels.cu, built on first use by torch.utils.cpp_extension.load
-# (ninja + nvcc, for the GPUs that are visible; TORCH_CUDA_ARCH_LIST overrides). The
-# build is cached under ~/.cache/torch_extensions, so later starts only load it.
+# kernels.cu: which inputs it takes, and building it on first use
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (32, 64, 128)  # the instantiations at the bottom of kernels.cu
@@ -435,47 +488,27 @@ _kernel_error = None  # why it cannot be built, once known
 _said = set()
 
 
-class CudaAttention(torch.autograd.Function):
-    """kernels.cu behind autograd, the same contract as ReferenceAttention. Outputs are
-    allocated here and the kernel writes into them, so every shape is in plain sight."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, doc_ids):
-        # Dense (B, nh, T, hs) lets one offset formula serve q, k, v and o in the kernel;
-        # q, k, v arrive as transposed views, so this costs one copy each.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if doc_ids is not None:
-            doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T)
-        o = torch.empty_like(q)  # (B, nh, T, hs)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, nh, T), base 2
-        with torch.cuda.device(q.device):
-            stream = torch.cuda.current_stream().cuda_stream
-            load_kernel().forward(q, k, v, doc_ids, o, lse, stream)
-        ctx.save_for_backward(q, k, v, o, lse, doc_ids)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc_ids = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        with torch.cuda.device(q.device):
-            stream = torch.cuda.current_stream().cuda_stream
-            load_kernel().backward(do.contiguous(), q, k, v, o, lse, doc_ids, dq, dk, dv, stream)
-        return dq, dk, dv, None
-
-
-def kernel_problem(q):
-    """Why kernels.cu cannot compute attention for q, or None when it can. Unsupported
-    inputs are a fallback for "auto" and a BadInput for "cuda", never a crash."""
-    if not q.is_cuda:
-        return f"the inputs are on {q.device}, and the kernel runs on CUDA devices only"
+def kernel_problem(q, k, v):
+    """Why kernels.cu cannot compute attention for these CUDA tensors, or None when it
+    can. Unsupported inputs are a fallback for "auto" and a BadInput for "cuda", never
+    a crash. It reads only shapes and dtypes, which torch.compile can trace."""
+    B, H, T, D = q.shape
+    if not q.dtype == k.dtype == v.dtype:
+        return f"q, k, v have mixed dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if q.dtype not in KERNEL_DTYPES:
         return f"the kernel takes float16 or bfloat16, not {q.dtype} (train with a bf16/fp16 dtype)"
-    if q.size(-1) not in KERNEL_HEAD_DIMS:
-        return f"the kernel is built for head sizes {KERNEL_HEAD_DIMS}, not {q.size(-1)}"
-    if load_kernel() is None:
-        return _kernel_error
-    return None
+    if D not in KERNEL_HEAD_DIMS:
+        return f"the kernel is built for head sizes {KERNEL_HEAD_DIMS}, not {D}"
+    if T == 0 or B * H == 0:
+        return f"q is {tuple(q.shape)}: nothing to compute, and an empty grid is no launch"
+    return kernel_build_problem()
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once, while tracing
+def kernel_build_problem():
+    """Why kernels.cu cannot be built or loaded here, or None."""
+    load_kernel()
+    return _kernel_error
 
 
 def load_kernel(verbose=False):
@@ -489,8 +522,8 @@ def load_kernel(verbose=False):
             try:
                 _kernel = _build_kernel(verbose)
             except Exception as e:  # compiler errors, a missing header, a bad toolchain...
-                _kernel_error = (f"kernels.cu failed to build: {_first_error_line(str(e))} (whole log: "
-                                 "python -c 'import model; model.load_kernel(verbose=True)')")
+                _kernel_error = (f"kernels.cu failed to build for sm_{_arch()}: {_first_error_line(str(e))} "
+                                 "(whole log: python -c 'import model; model.load_kernel(verbose=True)')")
         if _kernel_error is not None:
             say_fallback_once(_kernel_error)
     return _kernel
@@ -503,9 +536,8 @@ def _build_problem():
         return "no CUDA device is visible"
     if torch.version.hip is not None:
         return "this is a ROCm build of PyTorch and kernels.cu is CUDA only"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        return f"the GPU is sm_{major}{minor}; the kernel's bf16 mma.sync and cp.async need sm_80 or newer"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return f"the GPU is sm_{_arch()}; the kernel's bf16 mma.sync and cp.async need sm_80 or newer"
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
@@ -515,24 +547,39 @@ def _build_problem():
     return None
 
 
+def _arch():
+    """The visible GPU's architecture as nvcc spells it: "86" for an RTX 3090."""
+    return "%d%d" % torch.cuda.get_device_capability()
+
+
 def _build_kernel(verbose):
-    from torch.utils.cpp_extension import load
+    """Compile for the visible GPU's architecture only, with one -gencode, and name the
+    extension after it, so another GPU gets its own build and cache entry (under
+    ~/.cache/torch_extensions: later starts only load it). TORCH_CUDA_ARCH_LIST, which
+    cpp_extension would follow, is ignored on purpose (an explicit -gencode overrides it):
+    containers often set it to a list that includes pre-sm_80 GPUs, which cannot
+    assemble cp.async, and one compiles many architectures for a GPU that is not there."""
+    from torch.utils import cpp_extension
+    arch = _arch()
     # No --use_fast_math: it would change every division and sqrt in the file. The one
     # fast instruction the softmax needs, ex2.approx, is asked for by name in kernels.cu.
-    return load(name="minipretrain_attention",
-                sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
-                extra_cuda_cflags=["-O3"], verbose=verbose)
+    return cpp_extension.load(name=f"minipretrain_attention_sm{arch}",
+                              sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
+                              extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+                              verbose=verbose)
 
 
 def _first_error_line(log):
-    """The line of a compiler log that says what went wrong (nvcc and gcc write 'error:')."""
+    """The line of a compiler log that says what went wrong: nvcc and gcc write "error:",
+    ptxas "ptxas error   :" and nvcc's driver "nvcc fatal   :". Else the first line."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     for line in lines:
-        if "error:" in line.lower():
+        if re.search(r"(error|fatal)\s*:", line, re.IGNORECASE):
             return line[:300]
     return lines[0][:300] if lines else "no compiler output"
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: said while tracing, no graph break
 def say_fallback_once(reason):
     """One line, once per reason: training goes on with sdpa, and the log says why."""
     message = f"attention: kernels.cu not used, 'auto' uses sdpa: {reason}"
