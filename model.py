@@ -218,9 +218,8 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
         raise BadInput(f"attention backend 'cuda' cannot run: {problem}")
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T), as the kernel reads them
-    # Dense (B, nh, T, hs) lets one offset formula serve q, k, v and o in the kernel. The
-    # copies are made here, outside the operator, where torch.compile can fuse them into
-    # the rotary embedding that makes q and k.
+    # kernels.cu wants dense (B, nh, T, hs): copies made here, outside the operator, can be
+    # fused by torch.compile into the rotary embedding that makes q and k.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return flash_attention(q, k, v, doc_ids, backend == "reference")[0]
 
@@ -245,15 +244,12 @@ def sdpa_attention(q, k, v, doc_ids):
 
 
 # -----------------------------------------------------------------------------
-# The operator: "reference" and "cuda" are one PyTorch operator, two implementations.
-#
-# torch.library.custom_op makes minipretrain::flash_attention an operator like aten::mm:
-# torch.compile keeps it as one node of its graph (no graph break) and autograd runs the
-# backward registered for it. Inside, kernels.cu runs for CUDA tensors unless `mirror`
-# asks for the mirror (flash_forward, flash_backward below), which runs everywhere else:
-#   "reference"  the mirror, on any device
-#   "cuda"       kernels.cu on a GPU; on a CPU, the mirror inside the same operator,
-#                which is how CI tests the operator without a GPU (opcheck, torch.compile)
+# "reference" and "cuda" are one PyTorch operator. torch.library.custom_op makes it an
+# operator like aten::mm: torch.compile keeps it as one node of its graph (no graph
+# break), and autograd runs the backward registered for it. Inside, CUDA tensors go to
+# kernels.cu unless `mirror` asks for the mirror (flash_forward, flash_backward below),
+# which runs for every other device: so "cuda" on a CPU is the mirror too, and that is
+# how CI tests the very operator a GPU runs (opcheck, torch.compile) without a GPU.
 
 @torch.library.custom_op("minipretrain::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
@@ -261,8 +257,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: 
     """o (B, nh, T, hs) and lse (B, nh, T), log2 of each row's sum of 2^scores."""
     if mirror or not q.is_cuda:
         return flash_forward(q, k, v, mirror_doc_ids(doc_ids, q))
-    # Every buffer is allocated here, in sight, on torch's current stream of q's device,
-    # and the kernel runs on that stream (kernels.cu, "Host side").
+    # Buffers are allocated here, in sight, on the stream the kernel runs on (kernels.cu).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)  # (B, nh, T, hs)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, nh, T)
@@ -326,11 +321,9 @@ BLOCK_N = 64  # key rows per tile (kernels.cu BLOCK_N)
 LOG2E = 1.4426950408889634  # log2(e): softmax in base 2, because exp2 is one GPU instruction
 
 
-
 def mirror_doc_ids(doc_ids, q):
-    """doc_ids as the mirror takes them: zeros for plain causal (one document per row);
-    refused when unsorted, since the tile ranges binary-search them and would skip
-    visible keys. (On a GPU the check waits for it, as the mirror does at every tile.)"""
+    """doc_ids for the mirror: zeros for plain causal; refused unsorted, since the tile
+    ranges binary-search them (on a GPU the check syncs, as every tile of the mirror does)."""
     if doc_ids is None:
         return torch.zeros(q.size(0), q.size(2), dtype=torch.int32, device=q.device)
     if (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
@@ -489,9 +482,8 @@ _said = set()
 
 
 def kernel_problem(q, k, v):
-    """Why kernels.cu cannot compute attention for these CUDA tensors, or None when it
-    can. Unsupported inputs are a fallback for "auto" and a BadInput for "cuda", never
-    a crash. It reads only shapes and dtypes, which torch.compile can trace."""
+    """Why kernels.cu cannot take these CUDA tensors, or None: a fallback for "auto", a
+    BadInput for "cuda", never a crash. Shapes and dtypes only: torch.compile traces it."""
     B, H, T, D = q.shape
     if not q.dtype == k.dtype == v.dtype:
         return f"q, k, v have mixed dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
@@ -501,16 +493,10 @@ def kernel_problem(q, k, v):
         return f"the kernel is built for head sizes {KERNEL_HEAD_DIMS}, not {D}"
     if T == 0 or B * H == 0:
         return f"q is {tuple(q.shape)}: nothing to compute, and an empty grid is no launch"
-    return kernel_build_problem()
+    return _kernel_error if load_kernel() is None else None
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it once, while tracing
-def kernel_build_problem():
-    """Why kernels.cu cannot be built or loaded here, or None."""
-    load_kernel()
-    return _kernel_error
-
-
+@torch.compiler.assume_constant_result  # under torch.compile: called once, while tracing
 def load_kernel(verbose=False):
     """Build (first time: a minute or two) or load (cached: about a second) kernels.cu.
     Returns the extension module, or None after printing one line that says why not and
@@ -522,7 +508,7 @@ def load_kernel(verbose=False):
             try:
                 _kernel = _build_kernel(verbose)
             except Exception as e:  # compiler errors, a missing header, a bad toolchain...
-                _kernel_error = (f"kernels.cu failed to build for sm_{_arch()}: {_first_error_line(str(e))} "
+                _kernel_error = (f"kernels.cu failed to build: {_first_error_line(str(e))} "
                                  "(whole log: python -c 'import model; model.load_kernel(verbose=True)')")
         if _kernel_error is not None:
             say_fallback_once(_kernel_error)
@@ -536,8 +522,9 @@ def _build_problem():
         return "no CUDA device is visible"
     if torch.version.hip is not None:
         return "this is a ROCm build of PyTorch and kernels.cu is CUDA only"
-    if torch.cuda.get_device_capability()[0] < 8:
-        return f"the GPU is sm_{_arch()}; the kernel's bf16 mma.sync and cp.async need sm_80 or newer"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the GPU is sm_{major}{minor}; the kernel's bf16 mma.sync and cp.async need sm_80 or newer"
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
@@ -547,22 +534,14 @@ def _build_problem():
     return None
 
 
-def _arch():
-    """The visible GPU's architecture as nvcc spells it: "86" for an RTX 3090."""
-    return "%d%d" % torch.cuda.get_device_capability()
-
-
 def _build_kernel(verbose):
-    """Compile for the visible GPU's architecture only, with one -gencode, and name the
-    extension after it, so another GPU gets its own build and cache entry (under
-    ~/.cache/torch_extensions: later starts only load it). TORCH_CUDA_ARCH_LIST, which
-    cpp_extension would follow, is ignored on purpose (an explicit -gencode overrides it):
-    containers often set it to a list that includes pre-sm_80 GPUs, which cannot
-    assemble cp.async, and one compiles many architectures for a GPU that is not there."""
+    """Compile for the visible GPU only, one -gencode, cached per architecture (under
+    ~/.cache/torch_extensions; a later start only loads it). An explicit -gencode makes
+    cpp_extension ignore TORCH_CUDA_ARCH_LIST, on purpose: containers often list pre-sm_80
+    GPUs, which cannot assemble cp.async. No --use_fast_math: it would change every
+    division and sqrt; the softmax asks for ex2.approx by name."""
     from torch.utils import cpp_extension
-    arch = _arch()
-    # No --use_fast_math: it would change every division and sqrt in the file. The one
-    # fast instruction the softmax needs, ex2.approx, is asked for by name in kernels.cu.
+    arch = "%d%d" % torch.cuda.get_device_capability()  # "86" for an RTX 3090
     return cpp_extension.load(name=f"minipretrain_attention_sm{arch}",
                               sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
                               extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
