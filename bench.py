@@ -5,7 +5,6 @@ and a markdown table into bench/ and names the hardware it ran on.
     python bench.py packing     # CPU: the four packings compared (stats, picture, training)
     python bench.py meco        # CPU: baseline vs metadata conditioning, loss by position
     python bench.py meco --data grammars   # the same on a controlled corpus, plus steering
-    python bench.py attention   # GPU: kernels.cu vs SDPA, FlexAttention and naive attention
 """
 
 import argparse
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 
 import data
 import pretrain
-from model import attention, document_causal_mask, load_kernel, sdpa_attention
 
 
 # -----------------------------------------------------------------------------
@@ -325,232 +323,6 @@ def plot_meco(logs, curves, cooldown_tokens, path):
 
 
 # -----------------------------------------------------------------------------
-# python bench.py attention: kernels.cu against PyTorch's attention (needs a GPU)
-
-def bench_attention(args):
-    """Forward and backward TFLOP/s of five ways to compute causal attention within
-    documents, over sequence lengths T and mean document lengths, and the errors of the
-    kernel and of SDPA against float64.
-
-    Notice how the work shrinks with the documents: FLOPs count only the (query, key)
-    pairs the mask allows, sum(L_i^2 / 2) over the documents of a row, at 4 d FLOPs per
-    pair forward (S = Q K^T and P V) and 2.5 times that backward (FlashAttention's
-    convention). SDPA's flash kernel cannot take a document mask, so it computes all
-    T^2 / 2 causal pairs whatever the documents: it is the speed limit of plain causal
-    attention, not a rival that computes the same thing."""
-    if not torch.cuda.is_available():
-        sys.exit("error: bench.py attention needs a CUDA GPU, and PyTorch sees none")
-    if load_kernel() is None:
-        sys.exit("error: bench.py attention needs kernels.cu, which is not available (see the line above)")
-    import matplotlib
-    matplotlib.use("Agg")
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
-    results = []
-    for T in seq_lens:
-        for doc_len in attention_doc_lens(args.doc_lens, T):
-            B = max(1, args.tokens // T)
-            gen = torch.Generator().manual_seed(T + doc_len)
-            doc_ids = random_documents(B, T, doc_len, gen).cuda()
-            q, k, v, dout = (torch.randn(B, args.n_head, T, args.head_dim, generator=gen).to("cuda", dtype)
-                             for _ in range(4))
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            fwd_flops = 4 * allowed_pairs(doc_ids) * args.n_head * args.head_dim
-            for name, fn in attention_backends(doc_ids).items():
-                row = {"T": T, "doc_len": doc_len, "B": B, "backend": name}
-                try:
-                    t_fwd, t_bwd = time_forward_backward(fn, q, k, v, dout, args.repeats)
-                    row.update(fwd_ms=1e3 * t_fwd, bwd_ms=1e3 * t_bwd,
-                               fwd_tflops=fwd_flops / t_fwd / 1e12, bwd_tflops=2.5 * fwd_flops / t_bwd / 1e12)
-                except torch.cuda.OutOfMemoryError:
-                    row["failed"] = "out of memory"
-                except Exception as e:  # e.g. FlexAttention without a working torch.compile
-                    row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                torch.cuda.empty_cache()
-                results.append(row)
-                print(attention_row_text(row), flush=True)
-    errors = attention_errors([T for T in seq_lens if T <= 2048], dtype, args)
-    os.makedirs("bench", exist_ok=True)
-    write_attention_markdown(results, errors, args, "bench/attention.md")
-    plot_attention(results, "bench/attention.png")
-    with open("bench/attention.md") as f:
-        print(f.read())
-
-
-def attention_doc_lens(spec, T):
-    """--doc_lens "256,1024,T" -> the mean document lengths that fit in T ("T": one
-    document per row, which is plain causal attention)."""
-    lens = [T if s == "T" else int(s) for s in spec.split(",")]
-    return sorted({L for L in lens if L <= T})
-
-
-def random_documents(B, T, mean_len, gen):
-    """(B, T) int32 doc_ids: each row cut into documents at random places, on average
-    every mean_len tokens (mean_len = T: one document per row)."""
-    if mean_len >= T:
-        return torch.zeros(B, T, dtype=torch.int32)
-    cuts = torch.rand(B, T, generator=gen) < 1.0 / mean_len
-    return cuts.cumsum(dim=1).to(torch.int32)
-
-
-def allowed_pairs(doc_ids):
-    """sum(L^2 / 2) over every document of every row: the (query, key) pairs that the
-    causal document mask allows, as FLOP counts usually round them."""
-    pairs = 0
-    for row in doc_ids.cpu():
-        lengths = torch.unique_consecutive(row, return_counts=True)[1].double()
-        pairs += float((lengths ** 2).sum()) / 2
-    return pairs
-
-
-def attention_backends(doc_ids):
-    """name -> f(q, k, v). Masks are built here, outside the timed region, which favours
-    the baselines: the model would rebuild them at every step."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    B, T = doc_ids.shape
-    mask = document_causal_mask(doc_ids)  # (B, 1, T, T) bool
-
-    def ours(q, k, v):
-        return attention(q, k, v, doc_ids, backend="cuda")
-
-    def sdpa_flash_no_docs(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    def sdpa_bool_mask(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    def naive(q, k, v):
-        scores = (q @ k.mT) / q.size(-1) ** 0.5  # (B, nh, T, T): the matrix the others never store
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
-
-    backends = {"ours (kernels.cu)": ours, "SDPA flash, no documents": sdpa_flash_no_docs,
-                "SDPA + boolean mask": sdpa_bool_mask}
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def document_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-        block_mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
-        flex = torch.compile(flex_attention, dynamic=False)
-        backends["FlexAttention + block mask"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
-    except Exception as e:
-        print(f"FlexAttention skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-    backends["naive (PyTorch ops)"] = naive
-    return backends
-
-
-def time_forward_backward(fn, q, k, v, dout, repeats):
-    """Seconds per forward, and per backward of a kept graph; each the median of five
-    timings of `repeats` calls in a row (one synchronize per timing, not per call)."""
-    out = fn(q, k, v)  # warm up: builds and caches kernels, compiles FlexAttention
-    torch.autograd.grad(out, (q, k, v), dout)
-    t_fwd = median_seconds(lambda: fn(q, k, v), repeats)
-    out = fn(q, k, v)
-    t_bwd = median_seconds(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), repeats)
-    return t_fwd, t_bwd
-
-
-def median_seconds(f, repeats, trials=5):
-    import time
-    times = []
-    for _ in range(trials):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            f()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / repeats)
-    return sorted(times)[trials // 2]
-
-
-def attention_errors(seq_lens, dtype, args):
-    """Max |error| against float64 attention of out, dq, dk, dv, for the kernel and for
-    SDPA with a mask, in the same dtype: the kernel should be about as close as SDPA."""
-    errors = []
-    for T in seq_lens:
-        gen = torch.Generator().manual_seed(T)
-        doc_ids = random_documents(1, T, 256, gen).cuda()
-        q, k, v, dout = (torch.randn(1, 4, T, args.head_dim, generator=gen).to("cuda", dtype) for _ in range(4))
-        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        want = sdpa_attention(q64, k64, v64, doc_ids)
-        want = [want] + list(torch.autograd.grad(want, (q64, k64, v64), dout.double()))
-        for backend in ("cuda", "sdpa"):
-            q1, k1, v1 = (t.clone().requires_grad_() for t in (q, k, v))
-            got = attention(q1, k1, v1, doc_ids, backend=backend)
-            got = [got] + list(torch.autograd.grad(got, (q1, k1, v1), dout))
-            errors.append({"T": T, "backend": "ours (kernels.cu)" if backend == "cuda" else "SDPA + boolean mask",
-                           **{name: (a.double() - b).abs().max().item()
-                              for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}})
-    return errors
-
-
-def attention_row_text(row):
-    where = f"T {row['T']:5d}, documents ~{row['doc_len']:5d}: {row['backend']:28s}"
-    if "failed" in row:
-        return f"{where} {row['failed']}"
-    return (f"{where} forward {row['fwd_tflops']:6.1f} TFLOP/s ({row['fwd_ms']:7.3f} ms), "
-            f"backward {row['bwd_tflops']:6.1f} TFLOP/s ({row['bwd_ms']:7.3f} ms)")
-
-
-def write_attention_markdown(results, errors, args, path):
-    device = torch.cuda.get_device_name()
-    lines = ["# Attention: kernels.cu vs PyTorch\n",
-             f"Device: **{device}**, PyTorch {torch.__version__}, CUDA {torch.version.cuda}. "
-             f"{args.dtype}, {args.n_head} heads of size {args.head_dim}, batch = {args.tokens:,} tokens "
-             f"(B = tokens / T). Command: `python bench.py attention --seq_lens {args.seq_lens} "
-             f"--doc_lens {args.doc_lens} --dtype {args.dtype} --head_dim {args.head_dim}`.\n",
-             "TFLOP/s count only the pairs the causal document mask allows (sum of L^2/2 per "
-             "document, 4 d FLOPs per pair forward, 2.5x that backward). *SDPA flash, no documents* "
-             "ignores the documents (it computes all T^2/2 causal pairs): it is the speed of plain "
-             "causal attention, not the same computation. Masks are built outside the timing.\n",
-             "| T | mean document | backend | forward TFLOP/s | backward TFLOP/s | forward ms | backward ms |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        doc = "one per row" if r["doc_len"] == r["T"] else f"{r['doc_len']}"
-        if "failed" in r:
-            lines.append(f"| {r['T']} | {doc} | {r['backend']} | {r['failed']} | | | |")
-        else:
-            lines.append(f"| {r['T']} | {doc} | {r['backend']} | {r['fwd_tflops']:.1f} | {r['bwd_tflops']:.1f} "
-                         f"| {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} |")
-    lines += ["", "Max |error| against float64 (1 x 4 heads, documents of ~256 tokens, same inputs):\n",
-              "| T | backend | out | dq | dk | dv |", "| --- | --- | --- | --- | --- | --- |"]
-    for e in errors:
-        lines.append(f"| {e['T']} | {e['backend']} | {e['out']:.1e} | {e['dq']:.1e} | {e['dk']:.1e} | {e['dv']:.1e} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def plot_attention(results, path):
-    """attention.png: TFLOP/s against T, one panel per mean document length, forward on
-    top and backward below, one line per backend."""
-    import matplotlib.pyplot as plt
-    doc_lens = sorted({r["doc_len"] for r in results if r["doc_len"] != r["T"]}) + ["one per row"]
-    fig, axes = plt.subplots(2, len(doc_lens), figsize=(4.2 * len(doc_lens), 7), squeeze=False, sharey="row")
-    backends = list(dict.fromkeys(r["backend"] for r in results))
-    for col, doc_len in enumerate(doc_lens):
-        for row, (key, label) in enumerate([("fwd_tflops", "forward"), ("bwd_tflops", "backward")]):
-            ax = axes[row, col]
-            for backend in backends:
-                points = [(r["T"], r[key]) for r in results if r["backend"] == backend and "failed" not in r
-                          and (r["doc_len"] == doc_len or (doc_len == "one per row" and r["doc_len"] == r["T"]))]
-                if points:
-                    ax.plot(*zip(*points), "o-", ms=3, label=backend)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{label}, documents ~{doc_len}" if doc_len != "one per row" else f"{label}, one document per row",
-                         fontsize=9)
-            ax.set_xlabel("sequence length T")
-            if col == 0:
-                ax.set_ylabel(f"{label} TFLOP/s (allowed pairs only)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"causal document-masked attention on {torch.cuda.get_device_name()}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -560,16 +332,8 @@ def main():
         sub.add_argument("--data", default="stdlib")
         sub.add_argument("--steps", type=int, default=steps, help="training steps per run")
         sub.add_argument("--seed", type=int, default=1337)
-    sub = commands.add_parser("attention")
-    sub.add_argument("--seq_lens", default="512,1024,2048,4096,8192", help="comma-separated T")
-    sub.add_argument("--doc_lens", default="256,1024,T", help="mean document lengths; T = one per row")
-    sub.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens / T)")
-    sub.add_argument("--n_head", type=int, default=16)
-    sub.add_argument("--head_dim", type=int, default=64, choices=(32, 64, 128))
-    sub.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    sub.add_argument("--repeats", type=int, default=10, help="calls per timing")
     args = parser.parse_args()
-    {"packing": bench_packing, "meco": bench_meco, "attention": bench_attention}[args.command](args)
+    {"packing": bench_packing, "meco": bench_meco}[args.command](args)
 
 
 if __name__ == "__main__":
