@@ -4,7 +4,7 @@ Data: text sources -> documents -> GPT-2 tokens (cached on disk) -> packed rows 
     corpus = load_corpus("stdlib")                       # documents, tokenized once and cached
     train_docs, val_docs = split_documents(corpus)         # held-out documents for validation
     rows = pack_documents(lengths, seq_len, "bestfit")    # documents -> rows of <= seq_len tokens
-    batch = get_batch(corpus, rows, index, batch_size, seed)  # rows -> (B, T) tensors
+    batch = get_batch(corpus, rows, seq_len, index, batch_size, seed)  # rows -> (B, T) tensors
 
 A corpus stores every document as [EOT] + its tokens, one after the other, plus a final
 EOT. The leading EOT is the "beginning of document" token, so the first real token is
@@ -14,6 +14,8 @@ document's EOT, i.e. "the document ends here". No special cases.
 """
 
 import ast
+import collections
+import errno
 import functools
 import hashlib
 import itertools
@@ -99,6 +101,17 @@ def split_python_module(source):
     return [p for p in pieces if p.strip()]
 
 
+PYTHON_TREES = {  # source: (sysconfig's name for its folder, folders to skip, URL of module {m})
+    "stdlib": ("stdlib", {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"},
+               "docs.python.org/3/library/{m}"),
+    "packages": ("purelib", {"__pycache__", "tests", "test", "testing"}, "pypi.org/project/{top}/{m}"),
+}
+TEXT_FILES = (".txt", ".md")  # compared in lower case: NOTES.TXT counts too
+NOT_UTF8 = "were not valid UTF-8; their bad bytes became U+FFFD"
+NOT_TEXT = "skipped as binary or not UTF-8: re-save text files as UTF-8 to use them"
+UNREADABLE = "skipped as unreadable: a link to nothing, a link loop, or no permission"
+
+
 def python_files(root, skip_dirs):
     """Sorted .py files under root, skipping tests and caches (sorted: same order everywhere)."""
     found = []
@@ -115,48 +128,73 @@ def module_name(path, root):
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 
 
-def read_text(path, stats):
-    """Read a file as UTF-8, replacing undecodable bytes (and counting the files that had them)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats["files_not_utf8"] = stats.get("files_not_utf8", []) + [path]
-        return raw.decode("utf-8", errors="replace")
-
-
-def stdlib_root():
-    return sysconfig.get_paths()["stdlib"]
-
-
-def packages_root():
-    return sysconfig.get_paths()["purelib"]
-
-
-def read_python_tree(files, root, url_of, stats):
+def read_python_tree(files, root, url, stats):
     docs = []
     for path in files:
         if os.path.getsize(path) > 1_000_000:
             continue  # generated tables, not code anyone wrote
-        url = url_of(module_name(path, root))
-        docs += [(url, piece) for piece in split_python_module(read_text(path, stats))]
+        m = module_name(path, root)
+        docs += [(url.format(m=m, top=m.split(".")[0]), piece) for piece in split_python_module(read_text(path, stats))]
     return docs
+
+
+def note(stats, what, path):
+    """Count a file under what happened to it (write_cache prints one note per kind)."""
+    stats.setdefault(what, []).append(path)
+    return ""  # the text of a skipped file: an empty document, which is dropped
+
+
+def read_text(path, stats):
+    """A file's text, read as UTF-8, or "" (noted in stats) for a file that is not UTF-8 text.
+    A UTF-8 byte-order mark is dropped and a few bad bytes (a Latin-1 "é") become U+FFFD. A
+    NUL byte near the start (binary data, or UTF-16, where "a" is b"a\\0"), a UTF-16 byte-order
+    mark, or bad bytes in over a quarter of the text mean another kind of file: noise as UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:  # no permission, or gone since it was listed
+        return note(stats, UNREADABLE, path)
+    if b"\0" in raw[:8192] or raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return note(stats, NOT_TEXT, path)
+    try:
+        return raw.decode("utf-8-sig")  # utf-8-sig: UTF-8 without the byte-order mark, if any
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig", errors="replace")
+    if text.count("\ufffd") > len(text) / 4:
+        return note(stats, NOT_TEXT, path)
+    note(stats, NOT_UTF8, path)
+    return text
+
+
+def text_files(source):
+    """A folder's .txt and .md files, or one such file: one document per file, its URL the
+    path inside the folder. A link to nothing or a link loop has no size to put in the
+    cache key, so it is set aside here and noted when the files are read."""
+    if os.path.isfile(source):
+        base, found = os.path.dirname(os.path.abspath(source)), [source]
+    else:
+        base = source
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.lower().endswith(TEXT_FILES))
+    if not found:
+        raise BadInput(f"folder {source} has no .txt or .md files; put your documents there, one per file")
+    files = [p for p in found if os.path.isfile(p)]  # isfile follows links: False for broken ones
+    broken = [p for p in found if not os.path.isfile(p)]
+
+    def read(stats):
+        for path in broken:
+            note(stats, UNREADABLE, path)
+        return [(os.path.relpath(p, base), read_text(p, stats)) for p in files]
+    return files, read
 
 
 def list_source(source):
     """The files a source reads, and a function that reads them into documents.
     Listing is cheap; reading is done only when the token cache misses."""
-    if source == "stdlib":
-        root = stdlib_root()
-        files = python_files(root, {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"})
-        return files, lambda stats: read_python_tree(
-            files, root, lambda m: f"docs.python.org/3/library/{m}", stats)
-    if source == "packages":
-        root = packages_root()
-        files = python_files(root, {"__pycache__", "tests", "test", "testing"})
-        return files, lambda stats: read_python_tree(
-            files, root, lambda m: f"pypi.org/project/{m.split('.')[0]}/{m}", stats)
+    if source in PYTHON_TREES:
+        where, skip_dirs, url = PYTHON_TREES[source]
+        root = sysconfig.get_paths()[where]
+        files = python_files(root, skip_dirs)
+        return files, lambda stats: read_python_tree(files, root, url, stats)
     if source == "pydoc":
         import pydoc_data.topics
         return [pydoc_data.topics.__file__], lambda stats: [
@@ -164,33 +202,28 @@ def list_source(source):
             for key, text in sorted(pydoc_data.topics.topics.items())]
     if source == "grammars":  # generated, not read: this file's fingerprint stands for the generator
         return [os.path.abspath(__file__)], lambda stats: grammar_documents()
-    if source.endswith(".jsonl") and os.path.isfile(source):
+    if source.lower().endswith(".jsonl") and os.path.isfile(source):
         return [source], lambda stats: read_jsonl(source)
-    if os.path.isdir(source):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs
-                       if f.endswith((".txt", ".md")))
-        if not files:
-            raise BadInput(f"folder {source} has no .txt or .md files; put your documents there, one per file")
-        return files, lambda stats: [(os.path.relpath(p, source), read_text(p, stats)) for p in files]
+    if os.path.isdir(source) or (os.path.isfile(source) and source.lower().endswith(TEXT_FILES)):
+        return text_files(source)
     if not os.path.exists(source):
         raise BadInput(f"data source '{source}' not found; use {SOURCES_HELP}")
     raise BadInput(f"cannot read '{source}'; use {SOURCES_HELP}")
 
 
 def read_jsonl(path):
+    one_object = 'each line must be one object like {"text": "...", "url": "..."}'
     docs = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: drop a byte-order mark
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BadInput(f"{path} line {line_number} is not valid JSON ({e.msg}); "
-                               "each line must be one object like {\"text\": \"...\", \"url\": \"...\"}")
+                raise BadInput(f"{path} line {line_number} is not valid JSON ({e.msg}); {one_object}")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise BadInput(f"{path} line {line_number} has no \"text\" string; "
-                               "each line must be one object like {\"text\": \"...\", \"url\": \"...\"}")
+                raise BadInput(f"{path} line {line_number} has no \"text\" string; {one_object}")
             docs.append((str(record.get("url") or ""), record["text"]))
     return docs
 
@@ -265,12 +298,13 @@ class Corpus:
     With prefixes (MeCo, see with_metadata) document d reads [EOT] + prefixes[d] + its
     text: lengths count the prefix, so packing makes room for it, and segment() puts it in."""
 
-    def __init__(self, tokens, offsets, urls, info, prefixes=None):
+    def __init__(self, tokens, offsets, urls, info, prefixes=None, prefix_loss=False):
         self.tokens = tokens      # (n_tokens + 1,) uint16, a memory map of the cache file
         self.offsets = offsets    # (n_docs + 1,) int64
         self.urls = urls          # one metadata string per document ("" when unknown)
         self.info = info          # what was read: source, files, documents, tokens, fingerprint
         self.prefixes = prefixes  # None, or one int64 token array per document
+        self.prefix_loss = prefix_loss  # MeCo's ablation: train on the prefix tokens too
         self.prefix_lengths = np.array([len(p) for p in prefixes] if prefixes else [0] * len(urls), dtype=np.int64)
 
     @property
@@ -290,7 +324,8 @@ class Corpus:
         in_prefix = (position >= 1) & (position <= p)
         window[in_prefix] = prefix[position[in_prefix] - 1]
         targets = window[1:].copy()
-        targets[in_prefix[1:]] = -1
+        if not self.prefix_loss:
+            targets[in_prefix[1:]] = -1
         return window[:-1], targets
 
 
@@ -298,7 +333,7 @@ NO_PREFIX = np.zeros(0, dtype=np.int64)
 
 
 def cache_dir():
-    return os.environ.get("MINIPRETRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minipretrain"))
+    return os.environ.get("MINIPRETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minipretrain")
 
 
 def load_corpus(source, quiet=False):
@@ -350,16 +385,16 @@ def write_cache(folder, source, files, read, key, quiet):
     t0 = time.time()
     stats = {}
     docs = [(url, text) for url, text in read(stats) if text.strip()]
+    for what, paths in stats.items():
+        print(f"note: {len(paths)} file(s) {what} (first: {paths[0]})")
     if not docs:
-        raise BadInput(f"data source '{source}' contains no text; give it at least two non-empty documents")
-    if stats.get("files_not_utf8"):
-        bad = stats["files_not_utf8"]
-        print(f"note: {len(bad)} file(s) were not valid UTF-8 (first: {bad[0]}); bad bytes became U+FFFD")
+        readable = " that can be read (see the notes above)" if stats else ""
+        raise BadInput(f"data source '{source}' contains no text{readable}; give it at least two non-empty documents")
     encoder = get_tokenizer()
     tmp = f"{folder}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
     lengths = []
-    try:
+    try:  # makedirs too: a cache path that is a file, or read-only, is an error like a full disk
+        os.makedirs(tmp, exist_ok=True)
         bar = tqdm(total=len(docs), desc=f"tokenizing {source}", unit="doc", disable=quiet, leave=False)
         with open(os.path.join(tmp, "tokens.u16"), "wb") as out, bar:
             chunk = 512  # documents per call: bounded memory, and tiktoken threads each call
@@ -380,8 +415,9 @@ def write_cache(folder, source, files, read, key, quiet):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except OSError as e:
-        raise BadInput(f"could not write the token cache in {cache_dir()} ({e.strerror}); "
-                       "free some disk space or point MINIPRETRAIN_CACHE at another folder")
+        fix = ("free some disk space or point MINIPRETRAIN_CACHE at another folder" if e.errno == errno.ENOSPC
+               else "point MINIPRETRAIN_CACHE at a folder you can write to")
+        raise BadInput(f"could not write the token cache in {cache_dir()} ({e.strerror or e}); {fix}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
@@ -392,18 +428,58 @@ def write_cache(folder, source, files, read, key, quiet):
 # Train / validation split
 
 def split_documents(corpus, val_fraction=0.05, seed=1234):
-    """Hold out whole documents for validation, chosen by a fixed seed: the same corpus
-    always gives the same split, and no validation document is ever trained on."""
+    """Hold out whole documents, about val_fraction of the tokens, for validation. The
+    choice is seeded: the same corpus always gives the same split, and no validation
+    document is ever trained on.
+
+    Every document draws a random number; those that draw below val_fraction are held out.
+    With many documents that is about val_fraction of the tokens too, and the split stays
+    (so earlier runs stay comparable). When it misses by more than 2x (few documents, or one
+    huge one), documents are taken in the order of their draws until they hold val_fraction
+    of the tokens, passing over any that would overshoot to more than twice that. Either
+    way at least one document stays on each side."""
     n = len(corpus)
     if n < 2:
         raise BadInput(f"data source '{corpus.info['source']}' has {n} document; need at least 2 "
                        "(one is held out for validation)")
-    is_val = np.random.default_rng(seed).random(n) < val_fraction
+    sizes = np.diff(corpus.offsets)  # tokens per document (MeCo prefixes left out: the same split)
+    target = val_fraction * sizes.sum()
+    draws = np.random.default_rng(seed).random(n)
+    is_val = draws < val_fraction
     if not is_val.any():  # tiny corpora: keep at least one document on each side
         is_val[-1] = True
     if is_val.all():
         is_val[0] = False
+    if not target / 2 <= sizes[is_val].sum() <= 2 * target:
+        is_val = split_by_tokens(sizes, np.argsort(draws), target)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_by_tokens(sizes, order, target):
+    """Documents in the given order into validation until they hold target tokens."""
+    is_val, held = np.zeros(len(sizes), dtype=bool), 0
+    for d in order:
+        if held >= target:
+            break
+        if held + sizes[d] <= 2 * target:  # a document that would overshoot a lot is passed over
+            is_val[d], held = True, held + sizes[d]
+    if not is_val.any():  # every document alone is more than twice the target: the smallest
+        is_val[np.argmin(sizes)] = True
+    if is_val.all():
+        is_val[order[-1]] = False  # the last one taken
+    return is_val
+
+
+def split_summary(corpus, train_docs, val_docs):
+    """'6,268 train / 336 val documents (5,379,127 / 281,496 tokens)', and on a second line a
+    warning when so few documents are held out that the validation loss says little."""
+    sizes = np.diff(corpus.offsets)
+    text = (f"{len(train_docs):,} train / {len(val_docs):,} val documents "
+            f"({sizes[train_docs].sum():,} / {sizes[val_docs].sum():,} tokens)")
+    if len(val_docs) < 3:
+        text += (f"\nwarning: only {len(val_docs)} validation document(s); the validation loss will say "
+                 "more about them than about the corpus (add documents)")
+    return text
 
 
 def unigram_loss(corpus, train_docs, val_docs):
@@ -457,18 +533,14 @@ def pack_documents(lengths, seq_len, strategy):
 
 
 def pack_concat(lengths, seq_len):
-    rows, row, room = [], [], seq_len
-    for d, n in enumerate(lengths):
-        start = 0
-        while start < n:
-            take = min(room, int(n) - start)
-            row.append((d, start, start + take))
-            start, room = start + take, room - take
-            if room == 0:
-                rows.append(row)
-                row, room = [], seq_len
-    if row:
-        rows.append(row)  # the last, partly filled row
+    """Row r is tokens [r * seq_len, (r + 1) * seq_len) of all documents put end to end."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    rows = [[] for _ in range(-(-int(ends[-1]) // seq_len))]
+    for d, (start, end) in enumerate(zip(ends - lengths, ends)):
+        if start == end:
+            continue  # an empty document: nothing to place
+        for cut in range(start - start % seq_len, end, seq_len):  # the rows document d reaches into
+            rows[cut // seq_len].append((d, int(max(start, cut) - start), int(min(end, cut + seq_len) - start)))
     return rows
 
 
@@ -515,10 +587,8 @@ def packing_stats(rows, seq_len):
     per row, and the share of causal attention pairs that cross a document boundary (pairs
     that plain concat attends over and a document mask removes)."""
     real, pairs, cross = 0, 0, 0
-    segments_of = {}  # doc -> number of segments it was cut into
+    segments_of = collections.Counter(d for row in rows for d, _, _ in row)  # doc -> pieces it was cut into
     for row in rows:
-        for d, start, stop in row:
-            segments_of[d] = segments_of.get(d, 0) + 1
         lengths = [stop - start for _, start, stop in row]
         used = sum(lengths)
         real += used
@@ -536,13 +606,15 @@ def packing_stats(rows, seq_len):
 METAS = ("none", "url", "hash")
 
 
-def with_metadata(corpus, meta):
+def with_metadata(corpus, meta, drop=0.0, loss=False):
     """MeCo, "Metadata Conditioning Accelerates Language Model Pre-training" (Gao et al.
     2025): put "URL: <url>\n\n" between each document's EOT and its text. Notice that the
     prefix only ever appears as context: its own tokens get no loss (segment() masks them),
     so the model learns to use the source, not to guess it. meta="hash" replaces the URL by
     8 hex digits of its hash, the paper's ablation: the label need not be readable, only
-    consistent. Documents without a URL get no prefix."""
+    consistent. Documents without a URL get no prefix.
+    Two more of the paper's ablations: drop, the share of documents (a fixed, seeded
+    choice) left without a prefix, and loss=True, which trains on the prefix tokens too."""
     if meta == "none":
         return corpus
     if meta not in METAS:
@@ -556,7 +628,9 @@ def with_metadata(corpus, meta):
             label = url if meta == "url" else hashlib.sha256(url.encode()).hexdigest()[:8]
             cache[url] = np.array(encoder.encode_ordinary(f"URL: {label}\n\n"), dtype=np.int64)
         return cache[url]
-    return Corpus(corpus.tokens, corpus.offsets, corpus.urls, corpus.info, [prefix(u) for u in corpus.urls])
+    dropped = np.random.default_rng(0).random(len(corpus)) < drop
+    prefixes = [NO_PREFIX if gone else prefix(url) for url, gone in zip(corpus.urls, dropped)]
+    return Corpus(corpus.tokens, corpus.offsets, corpus.urls, corpus.info, prefixes, loss)
 
 
 def without_prefixes(rows, corpus):
@@ -590,16 +664,13 @@ def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True, rank
       pos_ids  position inside the segment, restarting at 0 (0..T-1 when docmask is False)
     """
     mine = batch_rows(len(rows), index, batch_size * world, seed)[rank * batch_size:(rank + 1) * batch_size]
-    picked = [rows[i] for i in mine]
-    return rows_to_batch(corpus, picked, seq_len, docmask)
+    return rows_to_batch(corpus, [rows[i] for i in mine], seq_len, docmask)
 
 
 def batch_rows(n_rows, index, batch_size, seed):
-    picks = []
-    for i in range(index * batch_size, (index + 1) * batch_size):
-        epoch, k = divmod(i, n_rows)
-        picks.append(int(epoch_order(seed, epoch, n_rows)[k]))
-    return picks
+    """The index-th batch_size rows of the endless sequence: epoch 0's order, epoch 1's, ..."""
+    positions = range(index * batch_size, (index + 1) * batch_size)
+    return [int(epoch_order(seed, i // n_rows, n_rows)[i % n_rows]) for i in positions]
 
 
 def rows_to_batch(corpus, rows, T, docmask=True):

@@ -1,5 +1,6 @@
 import json
 import os
+import sysconfig
 import time
 
 import numpy as np
@@ -18,6 +19,18 @@ def write_jsonl(path, texts, urls=None):
                 record["url"] = urls[i]
             f.write(json.dumps(record) + "\n")
     return str(path)
+
+
+def texts_of(corpus):
+    """Each document's text, decoded back from the cached tokens (without its leading EOT)."""
+    decode = data.get_tokenizer().decode
+    return [decode(corpus.tokens[a + 1:b].tolist()) for a, b in zip(corpus.offsets, corpus.offsets[1:])]
+
+
+def corpus_of_sizes(sizes):
+    """A corpus with documents of the given token counts, built without any file."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return data.Corpus(np.full(offsets[-1] + 1, data.EOT, np.uint16), offsets, [""] * len(sizes), {"source": "sizes"})
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -56,7 +69,7 @@ def test_split_python_module_cuts_at_top_level_definitions():
 
 def test_stdlib_source_skips_tests_and_names_modules():
     files, _ = data.list_source("stdlib")
-    root = data.stdlib_root()
+    root = sysconfig.get_paths()["stdlib"]
     rel = [os.path.relpath(f, root) for f in files]
     assert "json/decoder.py" in rel and "os.py" in rel
     assert not any(r.startswith(("test/", "site-packages/")) or "/tests/" in r for r in rel)
@@ -76,9 +89,33 @@ def test_folder_source_and_non_utf8_bytes(tmp_path, capsys):
     (tmp_path / "ignored.bin").write_bytes(b"\x00")
     corpus = data.load_corpus(str(tmp_path))
     assert corpus.urls == ["a.txt", os.path.join("sub", "b.md")]
-    second = data.get_tokenizer().decode(corpus.tokens[corpus.offsets[1] + 1:corpus.offsets[2]].tolist())
-    assert second == "caf\ufffd latin-1 bytes"
+    assert texts_of(corpus) == ["first document", "caf\ufffd latin-1 bytes"]
     assert "1 file(s) were not valid UTF-8" in capsys.readouterr().out
+
+
+def test_folder_skips_broken_links_binary_and_other_encodings(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "B.TXT").write_text("an upper-case extension")
+    (tmp_path / "c.Md").write_bytes(b"\xef\xbb\xbfa UTF-8 byte-order mark")
+    (tmp_path / "utf16.txt").write_text("UTF-16 text", encoding="utf-16")  # a BOM, and NUL bytes
+    (tmp_path / "utf16_cjk.txt").write_bytes("漢字".encode("utf-16"))  # a BOM and no NUL: only the BOM tells
+    (tmp_path / "cp1251.txt").write_bytes("Привет, мир".encode("cp1251"))  # mostly bytes that are not UTF-8
+    (tmp_path / "image.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "deleted.txt")
+    corpus = data.load_corpus(str(tmp_path))
+    assert corpus.urls == ["B.TXT", "a.txt", "c.Md"]
+    assert texts_of(corpus) == ["an upper-case extension", "plain text", "a UTF-8 byte-order mark"]
+    out = capsys.readouterr().out
+    assert "note: 4 file(s) skipped as binary or not UTF-8" in out
+    assert "note: 2 file(s) skipped as unreadable: a link to nothing, a link loop" in out
+
+
+def test_one_text_file_is_a_source(tmp_path):
+    path = tmp_path / "notes.TXT"
+    path.write_text("\ufeffone document, saved with a byte-order mark")
+    corpus = data.load_corpus(str(path))
+    assert corpus.urls == ["notes.TXT"] and texts_of(corpus) == ["one document, saved with a byte-order mark"]
 
 
 # ---------------------------------------------------------------- bad input
@@ -102,6 +139,31 @@ def test_missing_source_and_empty_folder(tmp_path):
         data.load_corpus(str(tmp_path / "nope.jsonl"))
     with pytest.raises(BadInput, match="no .txt or .md files"):
         data.load_corpus(str(tmp_path))
+
+
+def test_folder_with_nothing_readable(tmp_path, capsys):
+    (tmp_path / "data.txt").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "gone.md").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(BadInput, match=r"contains no text that can be read \(see the notes above\)"):
+        data.load_corpus(str(tmp_path))
+    assert "note: 1 file(s) skipped as binary" in capsys.readouterr().out
+
+
+def test_token_cache_that_is_a_file_or_read_only(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", ["one", "two"])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("MINIPRETRAIN_CACHE", str(blocker))
+    fix = "; point MINIPRETRAIN_CACHE at a folder you can write to"
+    with pytest.raises(BadInput, match=r"could not write the token cache in .*a_file \(.+\)" + fix):
+        data.load_corpus(path)
+    if os.geteuid() == 0:
+        return  # root writes into a read-only folder anyway
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    monkeypatch.setenv("MINIPRETRAIN_CACHE", str(read_only))
+    with pytest.raises(BadInput, match=r"\(Permission denied\)" + fix):
+        data.load_corpus(path)
 
 
 def test_one_document_is_not_enough(tmp_path):
@@ -159,6 +221,45 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert np.array_equal(train, train2) and np.array_equal(val, val2)
     assert len(val) >= 1 and not set(train) & set(val)
     assert sorted(set(train) | set(val)) == list(range(len(corpus)))
+
+
+def test_split_holds_out_a_share_of_tokens_not_of_documents():
+    # 20 small documents and one huge one: the old rule held out the huge one (83 % of the tokens)
+    sizes = np.array([1000] * 20 + [100_000])
+    train, val = data.split_documents(corpus_of_sizes(sizes))
+    target = 0.05 * sizes.sum()
+    assert 20 in train and target / 2 <= sizes[val].sum() <= 2 * target
+    # where documents draw their share of tokens anyway, the split is the seeded draw as before
+    train, val = data.split_documents(corpus_of_sizes([50] * 400))
+    assert list(val) == list(np.flatnonzero(np.random.default_rng(1234).random(400) < 0.05))
+
+
+@pytest.mark.parametrize("sizes, fraction, val", [
+    ([5, 10**6, 10**6], 0.05, [0]),   # every document but one is over twice the target
+    ([10**6, 10**6], 0.05, [0]),      # none is: the smallest (the first of equals) still goes
+    ([1, 1, 1], 0.9, [1, 2]),         # the target is nearly everything: one stays for training
+])
+def test_split_keeps_a_document_on_each_side(sizes, fraction, val):
+    train, held = data.split_documents(corpus_of_sizes(sizes), fraction)
+    assert list(held) == val and len(train) == len(sizes) - len(val)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_holds_the_share_of_tokens_for_skewed_document_sizes(seed):
+    sizes = np.random.default_rng(seed).lognormal(6, 2, size=60).astype(int) + 1  # 2 to ~50k tokens
+    train, val = data.split_documents(corpus_of_sizes(sizes))
+    target = 0.05 * sizes.sum()
+    assert target / 2 <= sizes[val].sum() <= 2 * target
+    assert sorted(set(train) | set(val)) == list(range(60)) and not set(train) & set(val)
+
+
+def test_split_summary_counts_tokens_and_warns_about_few_val_documents():
+    corpus = corpus_of_sizes([600_000, 500_000, 1000, 2000, 3000])
+    assert data.split_summary(corpus, np.array([0, 1]), np.array([2, 3, 4])) == \
+        "2 train / 3 val documents (1,100,000 / 6,000 tokens)"
+    lines = data.split_summary(corpus_of_sizes([1200, 34]), np.array([0]), np.array([1])).splitlines()
+    assert lines[0] == "1 train / 1 val documents (1,200 / 34 tokens)"
+    assert lines[1].startswith("warning: only 1 validation document(s)")
 
 
 def test_unigram_loss_by_hand(tmp_path):
