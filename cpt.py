@@ -62,6 +62,7 @@ def run(args):
     losses before CPT and the log, for bench/cpt.py."""
     rank, world, device = pretrain.setup_distributed(pretrain.pick_device(args.device))
     run, init, resumed = settings(args)
+    lock = pretrain.lock_out_dir(run.out_dir) if rank == 0 else None  # noqa: F841 (held until run() ends)
     torch.manual_seed(run.seed)
 
     # The new domain. pydoc has only 79 documents: the usual 5 % validation split would be
@@ -183,7 +184,11 @@ def settings(args):
 
 
 def check(run):
-    """One line per flag that makes no sense."""
+    """One line for the first flag that makes no sense, naming it."""
+    for flag, fine, what in pretrain.RULES:
+        value = getattr(run, flag, None)
+        if value is not None and not fine(value):
+            raise BadInput(f"--{flag} {value} is not valid: it must be {what}")
     if run.max_steps < 1 or run.warmup < 0 or run.cooldown < 0 or run.anneal < 0:
         raise BadInput("--max_steps must be positive and --warmup, --cooldown, --anneal not negative")
     if min(run.max_lr, run.constant_lr) <= 0 or run.min_lr < 0:
@@ -322,7 +327,7 @@ def stream_rows(rows, start, count, seed):
 # Command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Continue pretraining a checkpoint on new data. "
+    p = pretrain.Parser(description="Continue pretraining a checkpoint on new data. "
                                 "Flags left unset come from the checkpoint (or, with --resume, from the CPT run).")
     p.add_argument("--init", help=f"the pretrained checkpoint to start from (default {DEFAULT_INIT})")
     p.add_argument("--data", help=f"the new domain: {data.SOURCES_HELP} (default pydoc)")
@@ -351,7 +356,7 @@ def build_parser():
     p.add_argument("--eval_interval", type=int, help="steps between evaluations (default max_steps / 10)")
     p.add_argument("--eval_batches", type=int, help="validation batches per domain (default: pretraining's)")
     p.add_argument("--log_interval", type=int, help="steps between log lines (default 10)")
-    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    p.add_argument("--compile", type=pretrain.on_off, help="torch.compile the model: on or off (default: pretraining's)")
     p.add_argument("--sample_tokens", type=int, help="tokens per sample at the end (default 200; 0: none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--attn_backend", choices=("auto", "sdpa", "reference", "cuda"),

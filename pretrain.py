@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import types
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,7 +37,7 @@ PRESETS = {
     # 2 CPU cores, under 10 minutes in all: ~1.9k tokens/s, so ~0.8M tokens of training.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, seq_len=256, batch_size=8, grad_accum=1,
                 max_steps=400, lr=3e-3, warmup=20, eval_interval=100, eval_batches=8,
-                data="stdlib", compile=False),
+                data="stdlib", compile=False, sample_tokens=100),
     # a laptop GPU with 6 GB: ~30M parameters, bf16; 4 x 1024 tokens per micro-step keeps
     # the (B, T, 50304) logits small.
     "laptop": dict(n_layer=6, n_head=6, n_embd=384, seq_len=1024, batch_size=4, grad_accum=8,
@@ -48,7 +49,8 @@ PRESETS = {
                  data="stdlib+packages", compile=True),
 }
 # Settings no preset sets.
-DEFAULTS = dict(packing="bestfit", meta="none", meta_cooldown=0.1, schedule="cosine", decay_frac=0.2,
+DEFAULTS = dict(packing="bestfit", meta="none", meta_cooldown=0.1, meta_drop=0.0, meta_loss=False,
+                schedule="cosine", decay_frac=0.2,
                 min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, log_interval=10, sample_tokens=200,
                 seed=1337, attn_backend="auto", quiet=False)
 # Flags that say what to do now, not what the run is: never taken from a checkpoint.
@@ -68,8 +70,10 @@ def main(argv=None):
 def train(args):
     """pretrain.py's whole run: settings, data, model, optimizer, the loop, the end."""
     # --- settings: the flags, else the checkpoint's (--resume), else the preset's
+    started = time.time()
     rank, world, device = setup_distributed(pick_device(args.device))
     run, ckpt = settings(args, device, rank)
+    lock = lock_out_dir(run.out_dir) if rank == 0 else None  # noqa: F841 (held until train() ends)
     torch.manual_seed(run.seed)
 
     # --- data: documents -> packed rows -> batches, each a pure function of its index
@@ -78,8 +82,8 @@ def train(args):
     next_batch, stats = training_batches(corpus, train_docs, run, rank, world)
     eval_sets = validation_sets(corpus, val_docs, run.data, run.seq_len, run.batch_size, run.eval_batches, run.meta)
     baseline = data.unigram_loss(corpus, train_docs, val_docs)
-    say(rank, f"data {run.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens "
-              f"({len(train_docs):,} train / {len(val_docs):,} val documents); unigram baseline {baseline:.3f} nats")
+    say(rank, f"data {run.data}: {len(corpus):,} documents, {corpus.info['tokens']:,} tokens; unigram baseline "
+              f"{baseline:.3f} nats\nsplit: {data.split_summary(corpus, train_docs, val_docs)}")
     say(rank, f"packing {run.packing}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
 
     # --- model and optimizer (from the checkpoint when resuming)
@@ -103,11 +107,44 @@ def train(args):
                 world=world, compile=run.compile, quiet=run.quiet, keep=kept_steps(run))
     fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
 
-    # --- the end: plots and samples, from process 0
+    # --- the end: plots, samples and a summary, from process 0
     if rank == 0:
         plot_losses(run.out_dir, baseline)
         plot_lr(run.out_dir, lr_at, run.max_steps)
-        write_samples(model, run.out_dir, device, sample_prompts(corpus, run.meta), run.sample_tokens, run.seed)
+        write_samples(model, run.out_dir, device, sample_prompts(corpus, val_docs, run.meta), run.sample_tokens, run.seed)
+        summarize(run.out_dir, baseline, time.time() - started)
+
+
+def summarize(out_dir, baseline, seconds):
+    """The end of a run in four lines: time and tokens, the loss against the unigram
+    baseline in plain words, the files written, and the next command to try."""
+    last = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "val_loss" in r][-1]
+    verdict = ("below it: the model uses context" if last["val_loss"] < baseline - 0.05 else
+               "not yet below it: the model has not learned to use context; train longer (--max_steps) or tune --lr")
+    print(f"done in {seconds / 60:.1f} min: {last['step']} steps, {last['tokens']:,} tokens; validation loss "
+          f"{last['val_loss']:.3f}, unigram baseline {baseline:.3f}, {verdict}")
+    files = sorted(f for f in os.listdir(out_dir) if not f.startswith("."))
+    sizes = [os.path.getsize(os.path.join(out_dir, f)) for f in files]
+    print(f"files in {out_dir}: " + ", ".join(f"{f} ({n / 2**20:.1f} MB)" if n > 2**20 else f"{f} ({n // 1024 + 1} kB)"
+                                              for f, n in zip(files, sizes)))
+    print(f"next: python pretrain.py --sample --init {os.path.join(out_dir, 'ckpt.pt')} --prompt \"...\"")
+
+
+def lock_out_dir(out_dir):
+    """Two runs writing one out_dir would interleave their logs and overwrite each other's
+    checkpoints, so the second one stops here. The lock belongs to the OS (fcntl): it goes
+    away with this process, however it ends. Returns the open lock file; keep it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return None
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise BadInput(f"another run is writing to {out_dir} right now; wait for it to end or use another --out_dir")
+    return lock
 
 
 def load_corpus_once(source, rank, world):
@@ -339,7 +376,7 @@ def training_batches(corpus, docs, run, rank=0, world=1):
     if run.meta == "none":
         return (lambda index: data.get_batch(corpus, plain, run.seq_len, index, run.batch_size, run.seed,
                                              docmask, rank, world)), data.packing_stats(plain, run.seq_len)
-    meta_corpus = data.with_metadata(corpus, run.meta)
+    meta_corpus = data.with_metadata(corpus, run.meta, run.meta_drop, run.meta_loss)
     if meta_corpus.prefix_lengths.max() + 1 >= run.seq_len:
         raise BadInput(f"--seq_len {run.seq_len} leaves no room for text after URL prefixes of up to "
                        f"{meta_corpus.prefix_lengths.max()} tokens; use a longer --seq_len or --meta none")
@@ -371,10 +408,12 @@ def kept_steps(run):
     return keep + ((decay_start(run.max_steps, run.decay_frac),) if run.schedule == "wsd" else ())
 
 
-def sample_prompts(corpus, meta):
-    """The end-of-run samples: a plain start and three code starts; a MeCo run adds two
-    URLs (steering: the same start, two different sources)."""
-    prompts = ["", "def ", "class ", "import "]
+def sample_prompts(corpus, docs, meta):
+    """The end-of-run samples: a plain start and the first words of three held-out
+    documents; a MeCo run adds two URLs (steering: the same start, two different sources)."""
+    encoder = data.get_tokenizer()
+    starts = [corpus.tokens[corpus.offsets[d] + 1:corpus.offsets[d] + 5] for d in docs[:3]]
+    prompts = [""] + [encoder.decode(start.tolist()) for start in starts]
     if meta == "url":
         known = sorted(set(corpus.urls) - {""})
         wanted = ["docs.python.org/3/library/asyncio.tasks", "docs.python.org/3/library/unittest.mock"]
@@ -457,10 +496,16 @@ def settings(args, device, rank):
     """(run, checkpoint or None): a new Namespace with every setting filled in. With
     --resume the settings are the checkpoint's and a flag given again must agree with it;
     otherwise a flag left unset comes from the preset, then from DEFAULTS."""
+    if args.init:
+        raise BadInput("--init is for --sample (generate from a checkpoint); to continue training a checkpoint "
+                       "use --resume --out_dir DIR, or cpt.py --init PATH for new data")
     run = argparse.Namespace(**vars(args))
-    run.out_dir = args.out_dir or os.path.join("out", args.preset if args.preset != "auto" else pick_preset(device)[0])
+    run.out_dir = args.out_dir if args.out_dir is not None else os.path.join(
+        "out", args.preset if args.preset != "auto" else pick_preset(device)[0])
     if args.resume:
-        return run, resume_settings(run, args.max_steps)
+        ckpt = resume_settings(run, args.max_steps)
+        check_settings(run, device)
+        return run, ckpt
     why = None
     if args.preset == "auto":
         run.preset, why = pick_preset(device)
@@ -469,11 +514,78 @@ def settings(args, device, rank):
     for key, value in {**DEFAULTS, **PRESETS[run.preset]}.items():
         if getattr(run, key) is None:
             setattr(run, key, value)
+    if args.warmup is None:  # the preset's warmup is for its own length; a short run warms up for half of it
+        run.warmup = min(run.warmup, run.max_steps // 2)
     if why:
         say(rank, f"device {device} ({why}) -> preset '{run.preset}': {run.n_layer} layers, {run.n_embd} wide, "
                   f"{run.seq_len} tokens per row, {run.max_steps} steps on {run.data}")
-    os.makedirs(run.out_dir, exist_ok=True)
+    if device == "cpu" and run.preset != "cpu":
+        say(rank, f"warning: the '{run.preset}' preset is sized for a GPU; on this CPU one step takes minutes "
+                  "(the cpu preset finishes in about 7); use --preset cpu unless you mean it")
+    check_settings(run, device)
     return run, None
+
+
+# Every numeric setting: (flag, is it fine?, what it must be). Checked before any data is loaded.
+RULES = [(flag, lambda v: v >= 1, "at least 1") for flag in (
+    "max_steps", "n_layer", "n_head", "n_embd", "seq_len", "batch_size", "grad_accum", "eval_interval",
+    "eval_batches", "log_interval")] + [
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]: the final learning rate as a share of the peak"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "0 or more"),
+    ("grad_clip", lambda v: math.isfinite(v) and v > 0, "a positive number: the largest gradient norm kept"),
+    ("warmup", lambda v: v >= 0, "0 or more"),
+    ("meta_cooldown", lambda v: 0 <= v < 1, "in [0, 1): the last share of steps without metadata"),
+    ("meta_drop", lambda v: 0 <= v < 1, "in [0, 1): the share of documents without metadata"),
+    ("decay_frac", lambda v: 0 < v < 1, "in (0, 1): the last share of steps that decays"),
+    ("sample_tokens", lambda v: v >= 0, "0 or more"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+]
+
+
+def check_settings(run, device):
+    """One line for the first setting that makes no sense, naming the flag."""
+    for flag, fine, what in RULES:
+        value = getattr(run, flag, None)
+        if value is not None and not fine(value):
+            raise BadInput(f"--{flag} {value} is not valid: it must be {what}")
+    if run.n_embd % run.n_head or (run.n_embd // run.n_head) % 2:
+        raise BadInput(f"--n_embd {run.n_embd} must split into --n_head {run.n_head} heads of an even size "
+                       "(rotary embeddings rotate pairs); e.g. --n_head 4 with --n_embd 128")
+    if run.warmup >= run.max_steps:
+        raise BadInput(f"--warmup {run.warmup} must be less than --max_steps {run.max_steps}")
+    if not run.out_dir or os.path.isfile(run.out_dir):
+        raise BadInput(f"--out_dir {run.out_dir!r} is {'a file' if run.out_dir else 'empty'}; give a folder")
+    try:
+        os.makedirs(run.out_dir, exist_ok=True)
+        with open(os.path.join(run.out_dir, ".writable"), "w"):
+            pass
+        os.remove(os.path.join(run.out_dir, ".writable"))
+    except OSError as e:
+        raise BadInput(f"--out_dir {run.out_dir} cannot be written ({e.strerror}); choose another folder")
+    need, free = step_memory(run, device), free_memory(device)
+    if free and need > free:
+        raise BadInput(f"one step needs about {need / 2**30:.0f} GB of memory and {free / 2**30:.0f} GB are free; "
+                       "lower --batch_size (and raise --grad_accum) or --seq_len")
+
+
+def step_memory(run, device):
+    """A rough upper bound of what one micro-step holds, in bytes: the float32 logits and
+    their gradients (B, T, vocab), and per layer the activations kept for backward plus,
+    unless the fused kernel runs, the (B, heads, T, T) attention weights."""
+    B, T, C, V = run.batch_size, run.seq_len, run.n_embd, GPTConfig.vocab_size
+    attention = 0 if device.startswith("cuda") else run.n_head * T * 3
+    return 4 * B * T * (3 * V + run.n_layer * (20 * C + attention))
+
+
+def free_memory(device):
+    """Bytes free where the step runs (None when unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if device == "cpu" else None
+    except (ValueError, OSError):
+        return None
 
 
 def resume_settings(run, max_steps):
@@ -482,6 +594,8 @@ def resume_settings(run, max_steps):
     where its decay began (still at the peak LR) and decays at the new end instead."""
     path = os.path.join(run.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(path)
+    if "init_eval" in ckpt:
+        raise BadInput(f"{path} is a cpt.py run; continue it with: python cpt.py --resume --out_dir {run.out_dir}")
     saved = ckpt.get("args", {})
     if max_steps is not None and max_steps != saved.get("max_steps"):
         if saved.get("schedule") != "wsd":
@@ -595,8 +709,14 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise BadInput(f"cannot read checkpoint {path} ({type(e).__name__}: {first_words(str(e))}); "
                        "it is damaged or not a minipretrain checkpoint")
+
+
+def first_words(text, limit=120):
+    """The first line of an error message, cut at a word boundary if it is long."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def restore(ckpt, model, optimizer, corpus, world):
@@ -698,7 +818,7 @@ def generate_text(model, device, start, max_new_tokens, seed):
     weights and start give the same text."""
     encoder = data.get_tokenizer()
     idx = torch.tensor([[data.EOT] + encoder.encode_ordinary(start)], device=device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + zlib.crc32(start.encode()))  # another start, other random draws
     with autocast_for(device):
         out = model.generate(idx, max_new_tokens, temperature=0.8, top_k=200)
     return encoder.decode(out[0, 1:].tolist())
@@ -708,6 +828,7 @@ def write_samples(model, out_dir, device, prompts, max_new_tokens, seed):
     """samples.txt: one continuation per prompt."""
     if max_new_tokens <= 0:
         return
+    print(f"generating {len(prompts)} samples of {max_new_tokens} tokens ...", flush=True)
     model.eval()
     texts = [generate_text(model, device, prompt, max_new_tokens, seed) for prompt in prompts]
     path = os.path.join(out_dir, "samples.txt")
@@ -732,47 +853,74 @@ def sample(args):
 # -----------------------------------------------------------------------------
 # Command line
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line and exit status 1, like every other error here."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
+def on_off(text):
+    """--compile on|off (also true/false, yes/no, 1/0)."""
+    if text.lower() in ("on", "true", "yes", "1"):
+        return True
+    if text.lower() in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def preset_table():
+    keys = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "data")
+    rows = [f"  {name:7} " + " ".join(f"{k}={v}" for k, v in preset.items() if k in keys) for name, preset in PRESETS.items()]
+    return "presets (auto picks cpu without a GPU, laptop for a GPU under 40 GB, else gpt2):\n" + "\n".join(rows)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain a GPT. Flags left unset come from the preset "
-                                "(with --resume: from the run's checkpoint).")
+    p = Parser(description="Pretrain a GPT. Flags left unset come from the preset (with --resume: from the "
+               "run's checkpoint), then from the defaults shown.", epilog=preset_table(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help=f"training text: {data.SOURCES_HELP} (default: the preset's)")
     p.add_argument("--out_dir", help="where checkpoints, logs, plots and samples go (default out/<preset>)")
-    p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)}")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
+    p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)} (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint, with its settings")
     p.add_argument("--attn_backend", choices=("auto", "sdpa", "reference", "cuda"),
                    help="attention: kernels.cu (cuda), its PyTorch mirror (reference), sdpa, or auto (default)")
     p.add_argument("--packing", choices=data.PACKINGS, help="how documents are laid into rows (default bestfit)")
     p.add_argument("--meta", choices=data.METAS,
-                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing (default)")
+                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing (default none)")
     p.add_argument("--meta_cooldown", type=float, help="MeCo: last fraction of steps without metadata (default 0.1)")
+    p.add_argument("--meta_drop", type=float, help="MeCo ablation: share of documents never given metadata (default 0)")
+    p.add_argument("--meta_loss", action="store_true", default=None,
+                   help="MeCo ablation: train on the metadata tokens too (default: no loss on them)")
     p.add_argument("--schedule", choices=("cosine", "wsd"),
                    help="learning rate after warmup: cosine decay (default), or warmup-stable-decay (extendable)")
     p.add_argument("--decay_frac", type=float, help="wsd: the last fraction of steps that decays (default 0.2)")
-    p.add_argument("--max_steps", type=int)
-    p.add_argument("--n_layer", type=int)
-    p.add_argument("--n_head", type=int)
-    p.add_argument("--n_embd", type=int)
-    p.add_argument("--seq_len", type=int, help="tokens per row (also the model's block size)")
-    p.add_argument("--batch_size", type=int, help="rows per micro-step")
-    p.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--max_steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--n_layer", type=int, help="transformer blocks (default: the preset's)")
+    p.add_argument("--n_head", type=int, help="attention heads per block (default: the preset's)")
+    p.add_argument("--n_embd", type=int, help="width of the residual stream (default: the preset's)")
+    p.add_argument("--seq_len", type=int, help="tokens per row, also the model's block size (default: the preset's)")
+    p.add_argument("--batch_size", type=int, help="rows per micro-step (default: the preset's)")
+    p.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--min_lr_ratio", type=float, help="final learning rate / peak (default 0.1)")
-    p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--weight_decay", type=float, help="(default 0.1)")
-    p.add_argument("--grad_clip", type=float, help="(default 1.0)")
-    p.add_argument("--eval_interval", type=int)
-    p.add_argument("--eval_batches", type=int, help="validation batches per evaluation")
-    p.add_argument("--log_interval", type=int, help="(default 10)")
-    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"),
-                   help="torch.compile the model (default: on for GPU presets)")
-    p.add_argument("--sample_tokens", type=int, help="tokens per sample at the end (default 200; 0: none)")
-    p.add_argument("--seed", type=int, help="(default 1337)")
-    p.add_argument("--sample", action="store_true", help="only generate text from --init (no training)")
-    p.add_argument("--init", help="with --sample: the checkpoint to generate from")
-    p.add_argument("--url", default="", help="with --sample: steer generation with this URL, as MeCo trains it")
-    p.add_argument("--prompt", default="", help="with --sample: the text to continue")
+    p.add_argument("--warmup", type=int, help="warmup steps (default: the preset's)")
+    p.add_argument("--weight_decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad_clip", type=float, help="clip the gradient norm to this (default 1.0)")
+    p.add_argument("--eval_interval", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
+    p.add_argument("--eval_batches", type=int, help="validation batches per evaluation (default: the preset's)")
+    p.add_argument("--log_interval", type=int, help="steps between log lines (default 10)")
+    p.add_argument("--compile", type=on_off, help="torch.compile the model: on or off (default: on for GPU presets)")
+    p.add_argument("--seed", type=int, help="seeds the model's init and the data order (default 1337)")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    p.add_argument("--sample_tokens", type=int,
+                   help="tokens per sample, at the end of training or with --sample (default 200; cpu preset 100; 0: none)")
+    g = p.add_argument_group("sampling only (no training)")
+    g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
+    g.add_argument("--init", help="the checkpoint to generate from")
+    g.add_argument("--url", default="", help="steer generation with this URL, as MeCo trains it")
+    g.add_argument("--prompt", default="", help="the text to continue")
     return p
 
 

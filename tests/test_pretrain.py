@@ -16,7 +16,7 @@ def tiny_args(out_dir, steps=20, *extra):
     """A 2-layer, 32-wide model on the pydoc corpus: a whole run takes seconds."""
     return ["--data", "pydoc", "--out_dir", str(out_dir), "--preset", "cpu", "--device", "cpu",
             "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--seq_len", "64",
-            "--batch_size", "4", "--max_steps", str(steps), "--warmup", "5", "--lr", "3e-3",
+            "--batch_size", "4", "--max_steps", str(steps), "--warmup", str(min(5, steps // 2)), "--lr", "3e-3",
             "--eval_interval", "10", "--eval_batches", "2", "--log_interval", "1",
             "--sample_tokens", "0", "--quiet", *extra]
 

@@ -1,0 +1,170 @@
+"""
+Continued pretraining: forgetting against adaptation, for the recipes the papers compare,
+and the two controls they measure them against. About an hour on 2 CPU cores.
+
+    python bench/cpt.py                  # -> bench/cpt.md, cpt.png, cpt_tradeoff.png
+
+Pretraining: the cpu preset on stdlib, 400 steps, once with cosine and once with wsd.
+Then --steps CPT steps on pydoc for every row below, with two seeds (the seed sets the
+order of the CPT data). The union control trains from scratch on both corpora, with the
+same tokens of each as pretraining + CPT.
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from common import BENCH, SEEDS, band, hardware, spread, train
+import pretrain
+from model import GPT, GPTConfig
+
+PEAK, STEPS = pretrain.PRESETS["cpu"]["lr"], pretrain.PRESETS["cpu"]["max_steps"]
+# label: (the pretrained model to start from, cpt.py flags)
+ROWS = {
+    "constant LR (no rewarm)": ("cosine", ["--schedule", "constant"]),
+    "rewarm + cosine": ("cosine", ["--schedule", "rewarm-cosine"]),
+    "rewarm + cosine, 5 % replay": ("cosine", ["--replay", 0.05]),
+    "rewarm + cosine, 25 % replay": ("cosine", ["--replay", 0.25]),
+    "infinite schedule": ("cosine", ["--schedule", "infinite"]),
+    "same data: rewarm + cosine on stdlib": ("cosine", ["--data", "stdlib"]),
+    "wsd, decayed, then rewarm + cosine": ("wsd", []),
+    "wsd, stable phase, no rewarm, decay at the end": ("wsd-stable", ["--schedule", "infinite", "--warmup", 0,
+                                                       "--cooldown", 0, "--constant_lr", PEAK,
+                                                       "--anneal", 20]),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="CPT steps per run")
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    seeds = SEEDS[:args.seeds]
+    base = {kind: train("pretrain.py", f"out/cpt/pretrain_{kind}", ["--preset", "cpu", "--device", "cpu",
+                                                                    "--schedule", kind, "--sample_tokens", 0], STEPS)
+            for kind in ("cosine", "wsd")}
+    stable = pretrain.decay_start(STEPS, pretrain.DEFAULTS["decay_frac"])
+    inits = {"cosine": f"{base['cosine']}/ckpt.pt", "wsd": f"{base['wsd']}/ckpt.pt", "wsd-stable": f"{base['wsd']}/ckpt_{stable}.pt"}
+    common = ["--device", "cpu", "--sample_tokens", 0, "--eval_interval", max(1, args.steps // 10)]
+    runs = {label: [train("cpt.py", f"out/cpt/{i}@{seed}", ["--init", inits[start], "--seed", seed, *flags, *common],
+                          args.steps) for seed in seeds] for i, (label, (start, flags)) in enumerate(ROWS.items())}
+    # The union control: from scratch, pretraining's stdlib rows and CPT's pydoc rows in one
+    # run of as many steps as both: 400 + 100 steps with 20 % of every batch from pydoc.
+    total = STEPS + args.steps
+    union = [train("cpt.py", f"out/cpt/union@{seed}", ["--init", untrained(inits["cosine"], seed), "--seed", seed,
+                                                       "--replay", 1 - args.steps / total, *common[:4],
+                                                       "--eval_interval", total // 10], total) for seed in seeds]
+
+    lines = [f"# Continued pretraining, stdlib -> pydoc\n\nCommand: `python bench/cpt.py`: pretraining "
+             f"{STEPS} steps of the cpu preset on stdlib (seed 1337), then {args.steps} CPT steps x 2,048 tokens "
+             f"on pydoc per row, seeds {', '.join(map(str, seeds))} (mean ± sample standard deviation). "
+             f"Hardware: {hardware()}.\n",
+             "| run | old (stdlib) loss: before -> worst (step) -> after | forgetting | new (pydoc) loss: "
+             "before -> after | adaptation |", "| --- | --- | --- | --- | --- |"]
+    summary = {label: numbers(dirs) for label, dirs in runs.items()}
+    for label, r in summary.items():
+        same = label.startswith("same data")  # its "new" validation documents were pretrained on
+        lines.append(f"| {label} | {r['old_before']:.3f} -> {spread(r['old_worst'])} ({r['worst_step']}) -> "
+                     f"{spread(r['old_after'])} | {spread(r['forgetting'])} | "
+                     + ("— (the same corpus) | — |" if same else
+                        f"{r['new_before']:.3f} -> {spread(r['new_after'])} | {spread(r['adaptation'])} |"))
+    u = summary["union: from scratch on both"] = numbers(union)
+    lines.append(f"| union: from scratch on both, {total} steps | {spread(u['old_after'])} at the end | — | "
+                 f"{spread(u['new_after'])} at the end | — |")
+    plot_curves(runs, union, os.path.join(BENCH, "cpt.png"))
+    plot_tradeoff(summary, os.path.join(BENCH, "cpt_tradeoff.png"))
+    with open(os.path.join(BENCH, "cpt.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def untrained(like, seed):
+    """A step-0 checkpoint: a freshly initialised model with the config and recipe of the
+    checkpoint `like`, so that cpt.py can train it "from scratch"."""
+    path = f"out/cpt/untrained@{seed}.pt"
+    if not os.path.exists(path):
+        ckpt = pretrain.load_checkpoint(like)
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**ckpt["config"]))
+        optimizer = pretrain.make_optimizer(model, PEAK, 0.1, "cpu")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pretrain.save_checkpoint(path, model, optimizer, 0, {"args": ckpt["args"], "data": ckpt["data"]})
+    return path
+
+
+def numbers(dirs):
+    """Per seed: old and new validation loss before and after, the worst old loss on the
+    way (a rise above the start early on is the stability gap), and the differences."""
+    out = {k: [] for k in ("old_worst", "old_after", "new_after", "forgetting", "adaptation", "steps")}
+    for d in dirs:
+        evals = [r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss_new" in r]
+        before = pretrain.load_checkpoint(os.path.join(d, "ckpt.pt"))["init_eval"]
+        old = [r["val_loss_old"] for r in evals]
+        out.update(old_before=before["old"], new_before=before["new"])
+        out["old_worst"].append(max(old))
+        out["steps"].append(evals[old.index(max(old))]["step"])
+        out["old_after"].append(old[-1])
+        out["new_after"].append(evals[-1]["val_loss_new"])
+        out["forgetting"].append(old[-1] - before["old"])
+        out["adaptation"].append(before["new"] - evals[-1]["val_loss_new"])
+    out["worst_step"] = "/".join(map(str, out["steps"]))
+    return out
+
+
+def curves(dirs, domain):
+    """(tokens, [losses per seed]) of a domain, from the pretrained model (0 tokens) on."""
+    logs = [[r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss_new" in r] for d in dirs]
+    before = [pretrain.load_checkpoint(os.path.join(d, "ckpt.pt"))["init_eval"][domain] for d in dirs]
+    return [0] + [r["tokens"] for r in logs[0]], [[b] + [r[f"val_loss_{domain}"] for r in log] for b, log in zip(before, logs)]
+
+
+def plot_curves(runs, union, path):
+    """Old domain (forgetting) and new domain (adaptation) against CPT tokens: mean over
+    seeds with a band from the best to the worst seed; the union's final loss dashed."""
+    plt = pretrain.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, domain, title in zip(axes, ("old", "new"), ("old domain (stdlib): forgetting", "new domain (pydoc): adaptation")):
+        for label, dirs in runs.items():
+            if domain == "new" and label.startswith("same data"):
+                continue
+            band(ax, *curves(dirs, domain), label, marker="o", ms=3)
+        start = curves(next(iter(runs.values())), domain)[1][0][0]
+        ax.axhline(start, ls=":", c="gray", lw=1)  # the pretrained model: above this = worse than before
+        ax.axhline(np.mean(curves(union, domain)[1], axis=0)[-1], ls="--", c="black", lw=1,
+                   label="union control (final, from scratch on both)")
+        ax.set(title=title, xlabel="CPT tokens", ylabel="validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(summary, path):
+    """Where each run ends: forgetting against new-domain loss, mean ± sd over seeds."""
+    plt = pretrain.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, r) in enumerate(summary.items()):
+        if label.startswith("same data"):
+            continue
+        if label.startswith("union"):  # it did not start from the pretrained model: no forgetting to speak of
+            ax.axhline(np.mean(r["new_after"]), ls="--", c="black", lw=1, label="union control's pydoc loss")
+            continue
+        ax.errorbar(np.mean(r["forgetting"]), np.mean(r["new_after"]), xerr=np.std(r["forgetting"], ddof=1),
+                    yerr=np.std(r["new_after"], ddof=1), fmt="o", capsize=3)
+        ax.annotate(label, (np.mean(r["forgetting"]), np.mean(r["new_after"])), fontsize=7,
+                    xytext=(6, 6 if i % 2 else -12), textcoords="offset points")  # alternate: less overlap
+    ax.set(xlabel="forgetting: increase of stdlib validation loss (nats)", ylabel="pydoc validation loss after CPT",
+           title="forgetting vs adaptation (lower left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.margins(x=0.3, y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
