@@ -333,7 +333,8 @@ __global__ void __launch_bounds__(NUM_THREADS) attention_forward_kernel(const Pa
     // hold visible keys, a plausible wrong answer. So while the tiles load, each block
     // checks its own query rows, i against i + 1 (the blocks of a row of the batch check
     // every pair between them), and a block that finds a pair out of order writes NaN
-    // for all its rows: loud, never plausible. Cost: one load and one barrier per thread.
+    // for all its rows: loud, never plausible. Cost: two loads in half the threads and
+    // one barrier, per block.
     const int i_check = m0 + threadIdx.x;
     const bool unsorted = __syncthreads_or(docs && threadIdx.x < BLOCK_M && i_check + 1 < T &&
                                            docs[i_check] > docs[i_check + 1]);
