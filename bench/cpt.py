@@ -31,14 +31,13 @@ ROWS = {
     "same data: rewarm + cosine on stdlib": ("cosine", ["--data", "stdlib"]),
     "wsd, decayed, then rewarm + cosine": ("wsd", []),
     "wsd, stable phase, no rewarm, decay at the end": ("wsd-stable", ["--schedule", "infinite", "--warmup", 0,
-                                                       "--cooldown", 0, "--constant_lr", PEAK,
-                                                       "--anneal", 20]),
+                                                       "--cooldown", 0, "--constant_lr", PEAK]),
 }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100, help="CPT steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="CPT steps per run")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     seeds = SEEDS[:args.seeds]
@@ -47,15 +46,19 @@ def main():
             for kind in ("cosine", "wsd")}
     stable = pretrain.decay_start(STEPS, pretrain.DEFAULTS["decay_frac"])
     inits = {"cosine": f"{base['cosine']}/ckpt.pt", "wsd": f"{base['wsd']}/ckpt.pt", "wsd-stable": f"{base['wsd']}/ckpt_{stable}.pt"}
-    common = ["--device", "cpu", "--sample_tokens", 0, "--eval_interval", max(1, args.steps // 10)]
-    runs = {label: [train("cpt.py", f"out/cpt/{i}@{seed}", ["--init", inits[start], "--seed", seed, *flags, *common],
+    # Rewarming over 10 % of the CPT steps (the papers use ~1 % of far longer runs; 1 % of 50 steps is none).
+    common = ["--device", "cpu", "--sample_tokens", 0, "--eval_interval", max(1, args.steps // 5),
+              "--warmup", max(1, args.steps // 10)]
+    decay = ["--anneal", args.steps // 5]  # the stable-phase row decays over its last 20 %, as its pretraining would have
+    runs = {label: [train("cpt.py", f"out/cpt/{i}@{seed}", ["--init", inits[start], "--seed", seed, *common, *flags,
+                                                           *(decay if start == "wsd-stable" else [])],
                           args.steps) for seed in seeds] for i, (label, (start, flags)) in enumerate(ROWS.items())}
     # The union control: from scratch, pretraining's stdlib rows and CPT's pydoc rows in one
-    # run of as many steps as both: 400 + 100 steps with 20 % of every batch from pydoc.
+    # run of as many steps as both: 400 + 50 steps with 50 / 450 of every batch from pydoc.
     total = STEPS + args.steps
     union = [train("cpt.py", f"out/cpt/union@{seed}", ["--init", untrained(inits["cosine"], seed), "--seed", seed,
                                                        "--replay", 1 - args.steps / total, *common[:4],
-                                                       "--eval_interval", total // 10], total) for seed in seeds]
+                                                       "--eval_interval", total // 10, "--warmup", 20], total) for seed in seeds]
 
     lines = [f"# Continued pretraining, stdlib -> pydoc\n\nCommand: `python bench/cpt.py`: pretraining "
              f"{STEPS} steps of the cpu preset on stdlib (seed 1337), then {args.steps} CPT steps x 2,048 tokens "

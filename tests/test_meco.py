@@ -137,3 +137,20 @@ def test_grammar_corpus_is_deterministic_and_its_urls_name_the_source():
         return sum(np.log((counts[source][w] + 1) / total) for w in text.split())
     right = sum(max(sources, key=lambda s: log_likelihood(text, s)) == url for url, text in test)
     assert right / len(test) > 0.9
+
+
+def test_ablations_drop_some_prefixes_or_train_on_them(corpus):
+    """--meta_drop leaves a fixed share of documents without a URL (the rest keep theirs);
+    --meta_loss makes the URL tokens targets too, with the same inputs."""
+    meco = data.with_metadata(corpus, "url")
+    dropped = data.with_metadata(corpus, "url", drop=0.5)
+    kept = [len(p) > 0 for p in dropped.prefixes]
+    assert kept == [len(p) > 0 for p in data.with_metadata(corpus, "url", drop=0.5).prefixes]  # a fixed choice
+    assert 0 < sum(kept) < sum(len(p) > 0 for p in meco.prefixes)
+    assert all(k == 0 or k == m for k, m in zip(dropped.prefix_lengths, meco.prefix_lengths))
+    lossy = data.with_metadata(corpus, "url", loss=True)
+    x, y = meco.segment(0, 0, int(meco.lengths[0]))
+    lx, ly = lossy.segment(0, 0, int(meco.lengths[0]))
+    p = int(meco.prefix_lengths[0])
+    assert np.array_equal(x, lx) and np.array_equal(y[p:], ly[p:])
+    assert (y[:p] == -1).all() and ly[:p].tolist() == x[1:p + 1].tolist()  # each URL token is the next target

@@ -152,3 +152,18 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path):
 def test_rows_too_short_for_url_prefixes(tmp_path):
     with pytest.raises(BadInput, match="--seq_len 8 leaves no room for text after URL prefixes"):
         pretrain.train(pretrain.build_parser().parse_args(tiny_args(tmp_path, 2, "--seq_len", "8", "--meta", "url")))
+
+
+def test_a_wsd_run_extended_logs_what_a_longer_run_logs(tmp_path):
+    """warmup-stable-decay can be extended: 10 steps, then --resume --max_steps 20, gives
+    exactly the losses of 20 straight steps. The extension goes back to the checkpoint kept
+    where the first decay began (step 8, still at the peak LR) and decays at step 16."""
+    pretrain.main(tiny_args(tmp_path / "straight", 20, "--schedule", "wsd"))
+    pretrain.main(tiny_args(tmp_path / "extended", 10, "--schedule", "wsd"))
+    assert pretrain.load_checkpoint(tmp_path / "extended" / "ckpt_8.pt")["step"] == 8
+    pretrain.main(["--resume", "--out_dir", str(tmp_path / "extended"), "--max_steps", "20", "--device", "cpu"])
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "extended")
+    assert sorted(b) == list(range(1, 21))
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), [(s, a[s], b[s]) for s in (9, 16, 20)]
+    lrs = [r["lr"] for r in pretrain.read_log(tmp_path / "extended" / "log.jsonl") if "loss" in r]
+    assert lrs[8:15] == [3e-3] * 7 and lrs[-1] < 3e-3  # stable until step 16 this time, then decaying
