@@ -62,6 +62,8 @@ def run(args):
     losses before CPT and the log, for bench/cpt.py."""
     rank, world, device = pretrain.setup_distributed(pretrain.pick_device(args.device))
     run, init, resumed = settings(args)
+    if device == "cpu":
+        pretrain.keep_freed_memory()
     lock = pretrain.lock_out_dir(run.out_dir) if rank == 0 else None  # noqa: F841 (held until run() ends)
     torch.manual_seed(run.seed)
 
@@ -347,21 +349,10 @@ def build_parser():
     p.add_argument("--cooldown", type=int, help="infinite schedule: steps from max_lr to constant_lr (default max_steps / 5)")
     p.add_argument("--anneal", type=int, help="infinite schedule: final steps from constant_lr to min_lr (default max_steps / 10)")
     p.add_argument("--max_steps", type=int, help="CPT steps (default: a quarter of pretraining's)")
-    p.add_argument("--batch_size", type=int, help="rows per micro-step (default: pretraining's)")
-    p.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step (default: pretraining's)")
     p.add_argument("--packing", choices=data.PACKINGS, help="how documents are laid into rows (default: pretraining's)")
     p.add_argument("--val_fraction", type=float, help="share of new-domain documents held out (default 0.2)")
-    p.add_argument("--weight_decay", type=float)
-    p.add_argument("--grad_clip", type=float, help="(default: pretraining's)")
-    p.add_argument("--eval_interval", type=int, help="steps between evaluations (default max_steps / 10)")
-    p.add_argument("--eval_batches", type=int, help="validation batches per domain (default: pretraining's)")
-    p.add_argument("--log_interval", type=int, help="steps between log lines (default 10)")
-    p.add_argument("--compile", type=pretrain.on_off, help="torch.compile the model: on or off (default: pretraining's)")
-    p.add_argument("--sample_tokens", type=int, help="tokens per sample at the end (default 200; 0: none)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--attn_backend", choices=("auto", "sdpa", "reference", "cuda"),
-                   help="attention implementation (default: the pretraining run's)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    pretrain.add_shared_flags(p, lambda flag: {"eval_interval": "max_steps / 10", "log_interval": 10,
+                                               "sample_tokens": 200}.get(flag, "pretraining's"))
     return p
 
 

@@ -73,6 +73,8 @@ def train(args):
     started = time.time()
     rank, world, device = setup_distributed(pick_device(args.device))
     run, ckpt = settings(args, device, rank)
+    if device == "cpu":
+        keep_freed_memory()
     lock = lock_out_dir(run.out_dir) if rank == 0 else None  # noqa: F841 (held until train() ends)
     torch.manual_seed(run.seed)
 
@@ -540,6 +542,7 @@ RULES = [(flag, lambda v: v >= 1, "at least 1") for flag in (
     ("decay_frac", lambda v: 0 < v < 1, "in (0, 1): the last share of steps that decays"),
     ("sample_tokens", lambda v: v >= 0, "0 or more"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    ("attn_backend", lambda v: v in ("auto", "sdpa", "reference", "cuda"), "auto, sdpa, reference or cuda"),
 ]
 
 
@@ -665,6 +668,22 @@ def setup_distributed(device):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device
+
+
+def keep_freed_memory():
+    """CPU training, faster. glibc gives every freed block over 32 MB straight back to the
+    OS, so each step's (B, T, 50304) float32 logits and their gradient (400 MB each in the
+    cpu preset) come back as fresh pages the kernel must zero: on a 2-core machine most of
+    the time went there (66 % system time). Asking malloc to keep freed memory for reuse
+    makes the cpu preset about 1.5x faster. Linux with glibc only; elsewhere nothing changes."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    libc.mallopt(M_MMAP_MAX, 0)  # big blocks from the heap, not from their own mmap
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and never trim the heap back
 
 
 def autocast_for(device):
@@ -875,6 +894,29 @@ def preset_table():
     return "presets (auto picks cpu without a GPU, laptop for a GPU under 40 GB, else gpt2):\n" + "\n".join(rows)
 
 
+# Flags that mean the same in pretrain.py and cpt.py: (flag, type, help).
+SHARED_FLAGS = [
+    ("batch_size", int, "rows per micro-step"),
+    ("grad_accum", int, "micro-steps per optimizer step"),
+    ("weight_decay", float, "AdamW weight decay on matrices"),
+    ("grad_clip", float, "clip the gradient norm to this"),
+    ("eval_interval", int, "steps between evaluations and checkpoints"),
+    ("eval_batches", int, "validation batches per evaluation (per domain in cpt.py)"),
+    ("log_interval", int, "steps between log lines"),
+    ("seed", int, "seeds the model's init and the data order"),
+    ("sample_tokens", int, "tokens per sample at the end of training (0: none)"),
+    ("compile", on_off, "torch.compile the model: on or off"),
+    ("attn_backend", str, "attention: auto, sdpa, reference (the kernel's PyTorch mirror) or cuda (kernels.cu)"),
+]
+
+
+def add_shared_flags(p, default):
+    """Add SHARED_FLAGS to a parser; default(flag) says where an unset one comes from."""
+    for flag, kind, what in SHARED_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag)})")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+
+
 def build_parser():
     p = Parser(description="Pretrain a GPT. Flags left unset come from the preset (with --resume: from the "
                "run's checkpoint), then from the defaults shown.", epilog=preset_table(),
@@ -884,8 +926,6 @@ def build_parser():
     p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)} (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint, with its settings")
-    p.add_argument("--attn_backend", choices=("auto", "sdpa", "reference", "cuda"),
-                   help="attention: kernels.cu (cuda), its PyTorch mirror (reference), sdpa, or auto (default)")
     p.add_argument("--packing", choices=data.PACKINGS, help="how documents are laid into rows (default bestfit)")
     p.add_argument("--meta", choices=data.METAS,
                    help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing (default none)")
@@ -901,21 +941,10 @@ def build_parser():
     p.add_argument("--n_head", type=int, help="attention heads per block (default: the preset's)")
     p.add_argument("--n_embd", type=int, help="width of the residual stream (default: the preset's)")
     p.add_argument("--seq_len", type=int, help="tokens per row, also the model's block size (default: the preset's)")
-    p.add_argument("--batch_size", type=int, help="rows per micro-step (default: the preset's)")
-    p.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--min_lr_ratio", type=float, help="final learning rate / peak (default 0.1)")
-    p.add_argument("--warmup", type=int, help="warmup steps (default: the preset's)")
-    p.add_argument("--weight_decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    p.add_argument("--grad_clip", type=float, help="clip the gradient norm to this (default 1.0)")
-    p.add_argument("--eval_interval", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
-    p.add_argument("--eval_batches", type=int, help="validation batches per evaluation (default: the preset's)")
-    p.add_argument("--log_interval", type=int, help="steps between log lines (default 10)")
-    p.add_argument("--compile", type=on_off, help="torch.compile the model: on or off (default: on for GPU presets)")
-    p.add_argument("--seed", type=int, help="seeds the model's init and the data order (default 1337)")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
-    p.add_argument("--sample_tokens", type=int,
-                   help="tokens per sample, at the end of training or with --sample (default 200; cpu preset 100; 0: none)")
+    p.add_argument("--warmup", type=int, help="warmup steps (default: the preset's, at most half the steps)")
+    add_shared_flags(p, lambda flag: DEFAULTS.get(flag, "the preset's"))
     g = p.add_argument_group("sampling only (no training)")
     g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
     g.add_argument("--init", help="the checkpoint to generate from")

@@ -40,6 +40,7 @@ PRETRAIN_CASES = [  # (flags added to a tiny run, words the message must hold)
     (["--decay_frac", "0"], "--decay_frac 0.0 is not valid"),
     (["--sample_tokens", "-5"], "--sample_tokens -5 is not valid"),
     (["--compile", "maybe"], "--compile: expected on or off"),
+    (["--attn_backend", "flash"], "--attn_backend flash is not valid"),
     (["--max_steps", "abc"], "--max_steps: invalid int value"),
     (["--init", "x.pt"], "--init is for --sample"),
     (["--seq_len", "100000"], "one step needs about"),

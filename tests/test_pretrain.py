@@ -167,3 +167,19 @@ def test_a_wsd_run_extended_logs_what_a_longer_run_logs(tmp_path):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), [(s, a[s], b[s]) for s in (9, 16, 20)]
     lrs = [r["lr"] for r in pretrain.read_log(tmp_path / "extended" / "log.jsonl") if "loss" in r]
     assert lrs[8:15] == [3e-3] * 7 and lrs[-1] < 3e-3  # stable until step 16 this time, then decaying
+
+
+def test_training_on_the_mirror_matches_sdpa(tmp_path, monkeypatch):
+    """--attn_backend reference (kernels.cu's algorithm in PyTorch) trains the same model as
+    SDPA: the same loss at every step, to float tolerance."""
+    import model
+    pretrain.main(tiny_args(tmp_path / "sdpa", 12, "--attn_backend", "sdpa"))
+    calls, real = [], model.flash_forward
+    monkeypatch.setattr(model, "flash_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pretrain.main(tiny_args(tmp_path / "mirror", 12, "--attn_backend", "reference"))
+    assert len(calls) >= 12 * 2  # every step, every layer ran the mirror
+    a, b = losses(tmp_path / "sdpa"), losses(tmp_path / "mirror")
+    assert sorted(b) == list(range(1, 13))
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    assert a[12] < a[1] - 0.2  # and it learned something
+    assert pretrain.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
