@@ -506,6 +506,9 @@ def settings(args, device, rank):
         "out", args.preset if args.preset != "auto" else pick_preset(device)[0])
     if args.resume:
         ckpt = resume_settings(run, args.max_steps)
+        for key, value in DEFAULTS.items():  # settings that older checkpoints do not have
+            if getattr(run, key) is None:
+                setattr(run, key, value)
         check_settings(run, device)
         return run, ckpt
     why = None
@@ -582,12 +585,13 @@ def step_memory(run, device):
 
 
 def free_memory(device):
-    """Bytes free where the step runs (None when unknown)."""
+    """Bytes available where the step runs (None when unknown: then nothing is refused)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if device == "cpu" else None
-    except (ValueError, OSError):
+    try:  # Linux: what can be had without swapping, page cache included
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
         return None
 
 
