@@ -21,6 +21,7 @@ def train(script, out_dir, flags, steps):
     """Run `python <script> <flags> --out_dir <out_dir>` and return out_dir. A run whose log
     already holds its final evaluation is reused (delete the folder to train it again). A
     failing run stops the experiment with one line; the run printed its own reason above."""
+    out_dir = os.path.join(ROOT, out_dir)  # runs live in the repo's out/, wherever this is started from
     if any(r["step"] == steps and "val_loss" in r for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl"))):
         return out_dir
     command = [sys.executable, script, *map(str, flags), "--max_steps", str(steps), "--out_dir", out_dir, "--quiet"]

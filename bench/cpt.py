@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from common import BENCH, SEEDS, band, hardware, spread, train
+from common import BENCH, ROOT, SEEDS, band, hardware, spread, train
 import pretrain
 from model import GPT, GPTConfig
 
@@ -86,7 +86,7 @@ def main():
 def untrained(like, seed):
     """A step-0 checkpoint: a freshly initialised model with the config and recipe of the
     checkpoint `like`, so that cpt.py can train it "from scratch"."""
-    path = f"out/cpt/untrained@{seed}.pt"
+    path = os.path.join(ROOT, "out", "cpt", f"untrained@{seed}.pt")
     if not os.path.exists(path):
         ckpt = pretrain.load_checkpoint(like)
         torch.manual_seed(seed)

@@ -183,3 +183,20 @@ def test_training_on_the_mirror_matches_sdpa(tmp_path, monkeypatch):
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     assert a[12] < a[1] - 0.2  # and it learned something
     assert pretrain.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
+
+
+def test_samples_of_different_prompts_differ():
+    """Each start gets its own random draws. A model that looks only at the last token (its
+    blocks write nothing) sees the same thing after "def " and "class " (both end in " "),
+    so with one seed for every sample it wrote the same continuation after both."""
+    torch.manual_seed(0)
+    model = pretrain.GPT(pretrain.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.zero_()
+    a = pretrain.generate_text(model, "cpu", "def ", 12, seed=1337)
+    b = pretrain.generate_text(model, "cpu", "class ", 12, seed=1337)
+    assert a.startswith("def ") and b.startswith("class ")
+    assert a[len("def "):] != b[len("class "):]
+    assert a == pretrain.generate_text(model, "cpu", "def ", 12, seed=1337)  # and the same start, the same text
