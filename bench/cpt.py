@@ -1,10 +1,11 @@
 """
 Continued pretraining: forgetting against adaptation, for the recipes the papers compare,
-and the two controls they measure them against. About an hour on 2 CPU cores.
+and the two controls they measure them against. About 40 minutes on 2 idle CPU cores.
 
     python bench/cpt.py                  # -> bench/cpt.md, cpt.png, cpt_tradeoff.png
 
-Pretraining: the cpu preset on stdlib, 400 steps, once with cosine and once with wsd.
+Pretraining: the cpu preset on stdlib for 200 steps (half its usual length, to fit the
+CPU budget), once with cosine and once with wsd.
 Then --steps CPT steps on pydoc for every row below, with two seeds (the seed sets the
 order of the CPT data). The union control trains from scratch on both corpora, with the
 same tokens of each as pretraining + CPT.
@@ -20,7 +21,7 @@ from common import BENCH, ROOT, SEEDS, band, hardware, spread, train
 import pretrain
 from model import GPT, GPTConfig
 
-PEAK, STEPS = pretrain.PRESETS["cpu"]["lr"], pretrain.PRESETS["cpu"]["max_steps"]
+PEAK, STEPS = pretrain.PRESETS["cpu"]["lr"], 200  # pretraining: half the cpu preset, to fit the CPU budget
 # label: (the pretrained model to start from, cpt.py flags)
 ROWS = {
     "constant LR (no rewarm)": ("cosine", ["--schedule", "constant"]),
@@ -41,23 +42,23 @@ def main():
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     seeds = SEEDS[:args.seeds]
-    base = {kind: train("pretrain.py", f"out/cpt/pretrain_{kind}", ["--preset", "cpu", "--device", "cpu",
+    base = {kind: train("pretrain.py", f"out/cpt/pretrain{STEPS}_{kind}", ["--preset", "cpu", "--device", "cpu",
                                                                     "--schedule", kind, "--sample_tokens", 0], STEPS)
             for kind in ("cosine", "wsd")}
     stable = pretrain.decay_start(STEPS, pretrain.DEFAULTS["decay_frac"])
     inits = {"cosine": f"{base['cosine']}/ckpt.pt", "wsd": f"{base['wsd']}/ckpt.pt", "wsd-stable": f"{base['wsd']}/ckpt_{stable}.pt"}
     # Rewarming over 10 % of the CPT steps (the papers use ~1 % of far longer runs; 1 % of 50 steps is none).
-    common = ["--device", "cpu", "--sample_tokens", 0, "--eval_interval", max(1, args.steps // 5),
+    common = ["--device", "cpu", "--sample_tokens", 0, "--eval_batches", 4, "--eval_interval", max(1, args.steps // 5),
               "--warmup", max(1, args.steps // 10)]
     decay = ["--anneal", args.steps // 5]  # the stable-phase row decays over its last 20 %, as its pretraining would have
     runs = {label: [train("cpt.py", f"out/cpt/{i}@{seed}", ["--init", inits[start], "--seed", seed, *common, *flags,
                                                            *(decay if start == "wsd-stable" else [])],
                           args.steps) for seed in seeds] for i, (label, (start, flags)) in enumerate(ROWS.items())}
     # The union control: from scratch, pretraining's stdlib rows and CPT's pydoc rows in one
-    # run of as many steps as both: 400 + 50 steps with 50 / 450 of every batch from pydoc.
+    # run of as many steps as both: 200 + 50 steps with 50 / 250 of every batch from pydoc.
     total = STEPS + args.steps
     union = [train("cpt.py", f"out/cpt/union@{seed}", ["--init", untrained(inits["cosine"], seed), "--seed", seed,
-                                                       "--replay", 1 - args.steps / total, *common[:4],
+                                                       "--replay", 1 - args.steps / total, *common[:6],
                                                        "--eval_interval", total // 10, "--warmup", 20], total) for seed in seeds]
 
     lines = [f"# Continued pretraining, stdlib -> pydoc\n\nCommand: `python bench/cpt.py`: pretraining "
@@ -129,17 +130,17 @@ def plot_curves(runs, union, path):
     plt = pretrain.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, domain, title in zip(axes, ("old", "new"), ("old domain (stdlib): forgetting", "new domain (pydoc): adaptation")):
-        for label, dirs in runs.items():
-            if domain == "new" and label.startswith("same data"):
+        for i, (label, dirs) in enumerate(runs.items()):
+            if domain == "new" and label.startswith("same data"):  # its new domain is its old one
                 continue
-            band(ax, *curves(dirs, domain), label, marker="o", ms=3)
+            band(ax, *curves(dirs, domain), label, marker="o", ms=3, color=f"C{i}")
         start = curves(next(iter(runs.values())), domain)[1][0][0]
         ax.axhline(start, ls=":", c="gray", lw=1)  # the pretrained model: above this = worse than before
         ax.axhline(np.mean(curves(union, domain)[1], axis=0)[-1], ls="--", c="black", lw=1,
                    label="union control (final, from scratch on both)")
         ax.set(title=title, xlabel="CPT tokens", ylabel="validation loss (nats/token)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """
 Metadata conditioning (MeCo) and the ablations that explain its recipe, on the grammar
-corpus (eight probabilistic grammars; the URL says which one wrote a document). About 45
-minutes on 2 CPU cores.
+corpus (eight probabilistic grammars; the URL says which one wrote a document). About 30
+minutes on 2 idle CPU cores.
 
     python bench/meco.py                 # -> bench/meco.md, bench/meco.png
 
@@ -36,13 +36,13 @@ ROWS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="grammars")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     seeds = SEEDS[:args.seeds]
     runs = {label: [train("pretrain.py", f"out/meco/{folder}@{seed}",
                           ["--preset", "cpu", "--device", "cpu", "--data", args.data, "--seed", seed, *flags,
-                           "--eval_interval", args.steps // 5, "--eval_batches", 16], args.steps)
+                           "--eval_interval", args.steps // 2, "--eval_batches", 8], args.steps)
                     for seed in seeds] for label, (folder, flags, _) in ROWS.items()}
 
     corpus = data.load_corpus(args.data)
