@@ -1,6 +1,7 @@
 """
 Continued pretraining: forgetting against adaptation, for the recipes the papers compare,
-and the two controls they measure them against. About 40 minutes on 2 idle CPU cores.
+and the two controls they measure them against: 2 pretraining runs, 16 CPT runs and 2
+union runs of the cpu model.
 
     python bench/cpt.py                  # -> bench/cpt.md, cpt.png, cpt_tradeoff.png
 

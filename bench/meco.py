@@ -1,7 +1,7 @@
 """
 Metadata conditioning (MeCo) and the ablations that explain its recipe, on the grammar
-corpus (eight probabilistic grammars; the URL says which one wrote a document). About 30
-minutes on 2 idle CPU cores.
+corpus (eight probabilistic grammars; the URL says which one wrote a document): 14 short
+runs of the cpu preset, then the analysis.
 
     python bench/meco.py                 # -> bench/meco.md, bench/meco.png
 
