@@ -51,7 +51,7 @@ def main():
     first = [[(int(d), 0, int(min(meco.lengths[d], 16)))] for d in val_docs]  # each document's start
     lines = [f"# MeCo on `{args.data}`\n\nCommand: `python bench/meco.py` ({args.steps} steps of the cpu preset "
              f"per run, seeds {', '.join(map(str, seeds))}; mean ± sample standard deviation). Hardware: {hardware()}.\n",
-             "Validation: the same held-out documents for every row, without metadata and with it "
+             "Validation: the same held-out documents for every row, without metadata and with it. "
              "The paper's column is MeCo's own ablation (1.6B model, average "
              "of downstream tasks, higher is better), not a loss.\n",
              "| run | validation loss, no URL | with URL | tokens 1-4 of a document, no URL | paper: downstream avg |",
