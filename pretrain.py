@@ -562,11 +562,12 @@ def check_settings(run, device):
         raise BadInput(f"--warmup {run.warmup} must be less than --max_steps {run.max_steps}")
     if not run.out_dir or os.path.isfile(run.out_dir):
         raise BadInput(f"--out_dir {run.out_dir!r} is {'a file' if run.out_dir else 'empty'}; give a folder")
+    probe = os.path.join(run.out_dir, f".writable{os.getpid()}")  # one per process: torchrun starts several
     try:
         os.makedirs(run.out_dir, exist_ok=True)
-        with open(os.path.join(run.out_dir, ".writable"), "w"):
+        with open(probe, "w"):
             pass
-        os.remove(os.path.join(run.out_dir, ".writable"))
+        os.remove(probe)
     except OSError as e:
         raise BadInput(f"--out_dir {run.out_dir} cannot be written ({e.strerror}); choose another folder")
     need, free = step_memory(run, device), free_memory(device)
