@@ -181,7 +181,7 @@ def settings(args):
     if run.anneal is None:
         run.anneal = run.max_steps // 10
     check(run)
-    os.makedirs(run.out_dir, exist_ok=True)
+    pretrain.check_out_dir(run.out_dir)
     return run, init, resumed
 
 

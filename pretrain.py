@@ -560,20 +560,25 @@ def check_settings(run, device):
                        "(rotary embeddings rotate pairs); e.g. --n_head 4 with --n_embd 128")
     if run.warmup >= run.max_steps:
         raise BadInput(f"--warmup {run.warmup} must be less than --max_steps {run.max_steps}")
-    if not run.out_dir or os.path.isfile(run.out_dir):
-        raise BadInput(f"--out_dir {run.out_dir!r} is {'a file' if run.out_dir else 'empty'}; give a folder")
-    probe = os.path.join(run.out_dir, f".writable{os.getpid()}")  # one per process: torchrun starts several
-    try:
-        os.makedirs(run.out_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise BadInput(f"--out_dir {run.out_dir} cannot be written ({e.strerror}); choose another folder")
+    check_out_dir(run.out_dir)
     need, free = step_memory(run, device), free_memory(device)
     if free and need > free:
         raise BadInput(f"one step needs about {need / 2**30:.0f} GB of memory and {free / 2**30:.0f} GB are free; "
                        "lower --batch_size (and raise --grad_accum) or --seq_len")
+
+
+def check_out_dir(out_dir):
+    """--out_dir must be a folder this process can write; it is made if missing."""
+    if not out_dir or os.path.isfile(out_dir):
+        raise BadInput(f"--out_dir {out_dir!r} is {'a file' if out_dir else 'empty'}; give a folder")
+    probe = os.path.join(out_dir, f".writable{os.getpid()}")  # one per process: torchrun starts several
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise BadInput(f"--out_dir {out_dir} cannot be written ({e.strerror}); choose another folder")
 
 
 def step_memory(run, device):

@@ -125,6 +125,11 @@ def test_cpt_refuses_with_one_line(base, tmp_path, flags, says):  # noqa: F811
     assert says in one_line_error(cpt.main, cpt_args(base, tmp_path, 5, *flags))
 
 
+def test_cpt_out_dir_that_is_a_file(base, tmp_path):  # noqa: F811
+    (tmp_path / "file").write_text("not a folder")
+    assert "is a file" in one_line_error(cpt.main, cpt_args(base, tmp_path / "file", 5))
+
+
 def test_a_real_process_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "pretrain.py", "--out_dir", str(tmp_path), "--lr", "-1", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
