@@ -187,10 +187,7 @@ def settings(args):
 
 def check(run):
     """One line for the first flag that makes no sense, naming it."""
-    for flag, fine, what in pretrain.RULES:
-        value = getattr(run, flag, None)
-        if value is not None and not fine(value):
-            raise BadInput(f"--{flag} {value} is not valid: it must be {what}")
+    pretrain.check_rules(run)
     if run.max_steps < 1 or run.warmup < 0 or run.cooldown < 0 or run.anneal < 0:
         raise BadInput("--max_steps must be positive and --warmup, --cooldown, --anneal not negative")
     if min(run.max_lr, run.constant_lr) <= 0 or run.min_lr < 0:
