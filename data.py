@@ -101,10 +101,10 @@ def split_python_module(source):
     return [p for p in pieces if p.strip()]
 
 
-PYTHON_TREES = {  # source: (sysconfig's name for its folder, folders to skip, URL of module {m})
-    "stdlib": ("stdlib", {"site-packages", "dist-packages", "__pycache__", "idle_test", "tests", "test"},
+PYTHON_TREES = {  # source: (sysconfig's name for its folder, folders to skip besides test*, URL of module {m})
+    "stdlib": ("stdlib", {"site-packages", "dist-packages", "__pycache__", "idle_test"},
                "docs.python.org/3/library/{m}"),
-    "packages": ("purelib", {"__pycache__", "tests", "test", "testing"}, "pypi.org/project/{top}/{m}"),
+    "packages": ("purelib", {"__pycache__"}, "pypi.org/project/{top}/{m}"),
 }
 TEXT_FILES = (".txt", ".md")  # compared in lower case: NOTES.TXT counts too
 NOT_UTF8 = "were not valid UTF-8; their bad bytes became U+FFFD"
@@ -112,30 +112,30 @@ NOT_TEXT = "skipped as binary or not UTF-8: re-save text files as UTF-8 to use t
 UNREADABLE = "skipped as unreadable: a link to nothing, a link loop, or no permission"
 
 
-def python_files(root, skip_dirs):
-    """Sorted .py files under root, skipping tests and caches (sorted: same order everywhere)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
+def python_tree(where, skip_dirs, url):
+    """The .py files of a sysconfig folder, without tests and caches (sorted: the same order
+    everywhere), read as one document per top-level definition (split_python_module)."""
+    root = sysconfig.get_paths()[where]
+    files = []
+    for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in skip_dirs and not d.startswith(("test", "."))
                          and not d.endswith((".dist-info", ".egg-info")))
-        found += [os.path.join(folder, f) for f in sorted(files)
+        files += [os.path.join(folder, f) for f in sorted(names)
                   if f.endswith(".py") and not f.startswith("test_")]
-    return found
+
+    def read(stats):
+        for path in files:
+            if os.path.getsize(path) > 1_000_000:
+                continue  # generated tables, not code anyone wrote
+            m = module_name(path, root)
+            for piece in split_python_module(read_text(path, stats)):
+                yield url.format(m=m, top=m.split(".")[0]), piece
+    return files, read
 
 
 def module_name(path, root):
     name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
-
-
-def read_python_tree(files, root, url, stats):
-    docs = []
-    for path in files:
-        if os.path.getsize(path) > 1_000_000:
-            continue  # generated tables, not code anyone wrote
-        m = module_name(path, root)
-        docs += [(url.format(m=m, top=m.split(".")[0]), piece) for piece in split_python_module(read_text(path, stats))]
-    return docs
 
 
 def note(stats, what, path):
@@ -166,24 +166,20 @@ def read_text(path, stats):
     return text
 
 
-def text_files(source):
-    """A folder's .txt and .md files, or one such file: one document per file, its URL the
-    path inside the folder. A link to nothing or a link loop has no size to put in the
-    cache key, so it is set aside here and noted when the files are read."""
-    if os.path.isfile(source):
-        base, found = os.path.dirname(os.path.abspath(source)), [source]
-    else:
-        base = source
-        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.lower().endswith(TEXT_FILES))
+def text_files(folder):
+    """A folder's .txt and .md files: one document per file, its URL the path inside the
+    folder. A link to nothing or a link loop has no size to put in the cache key, so it is
+    set aside here and noted when the files are read."""
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(TEXT_FILES))
     if not found:
-        raise BadInput(f"folder {source} has no .txt or .md files; put your documents there, one per file")
+        raise BadInput(f"folder {folder} has no .txt or .md files; put your documents there, one per file")
     files = [p for p in found if os.path.isfile(p)]  # isfile follows links: False for broken ones
     broken = [p for p in found if not os.path.isfile(p)]
 
     def read(stats):
         for path in broken:
             note(stats, UNREADABLE, path)
-        return [(os.path.relpath(p, base), read_text(p, stats)) for p in files]
+        return [(os.path.relpath(p, folder), read_text(p, stats)) for p in files]
     return files, read
 
 
@@ -191,10 +187,7 @@ def list_source(source):
     """The files a source reads, and a function that reads them into documents.
     Listing is cheap; reading is done only when the token cache misses."""
     if source in PYTHON_TREES:
-        where, skip_dirs, url = PYTHON_TREES[source]
-        root = sysconfig.get_paths()[where]
-        files = python_files(root, skip_dirs)
-        return files, lambda stats: read_python_tree(files, root, url, stats)
+        return python_tree(*PYTHON_TREES[source])
     if source == "pydoc":
         import pydoc_data.topics
         return [pydoc_data.topics.__file__], lambda stats: [
@@ -204,7 +197,9 @@ def list_source(source):
         return [os.path.abspath(__file__)], lambda stats: grammar_documents()
     if source.lower().endswith(".jsonl") and os.path.isfile(source):
         return [source], lambda stats: read_jsonl(source)
-    if os.path.isdir(source) or (os.path.isfile(source) and source.lower().endswith(TEXT_FILES)):
+    if os.path.isfile(source) and source.lower().endswith(TEXT_FILES):  # one document
+        return [source], lambda stats: [(os.path.basename(source), read_text(source, stats))]
+    if os.path.isdir(source):
         return text_files(source)
     if not os.path.exists(source):
         raise BadInput(f"data source '{source}' not found; use {SOURCES_HELP}")
@@ -213,7 +208,6 @@ def list_source(source):
 
 def read_jsonl(path):
     one_object = 'each line must be one object like {"text": "...", "url": "..."}'
-    docs = []
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: drop a byte-order mark
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -224,8 +218,7 @@ def read_jsonl(path):
                 raise BadInput(f"{path} line {line_number} is not valid JSON ({e.msg}); {one_object}")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise BadInput(f"{path} line {line_number} has no \"text\" string; {one_object}")
-            docs.append((str(record.get("url") or ""), record["text"]))
-    return docs
+            yield str(record.get("url") or ""), record["text"]
 
 
 # -----------------------------------------------------------------------------
@@ -254,8 +247,8 @@ def grammar_documents(n_docs=16000, n_grammars=8, seed=0):
     each draws its own probabilities; a document is 3-8 sentences from one of them, and
     its URL names which. Notice that the source is a latent variable: a model can infer
     it from the text, but only after reading some of it, while a URL gives it away before
-    the first word. That is where metadata should help, and bench.py meco --data grammars
-    measures by how much."""
+    the first word. That is where metadata should help, and bench/meco.py measures by how
+    much."""
     rng = random.Random(seed)
     grammars = [grammar_probabilities(rng) for _ in range(n_grammars)]
     docs = []
@@ -340,18 +333,14 @@ def load_corpus(source, quiet=False):
     """Tokenize a source once and cache it; later calls memory-map the cache (well under a
     second). The cache key covers the source, every file's path, size and mtime, the
     tokenizer and CACHE_VERSION, so an edited file or a new Python means a new cache."""
-    parts = [load_one_source(s, quiet) for s in source.split("+")]
-    if len(parts) == 1:
-        return parts[0]
-    tokens = np.concatenate([p.tokens[:-1] for p in parts] + [np.array([EOT], np.uint16)])
-    starts = np.cumsum([0] + [p.offsets[-1] for p in parts])
-    offsets = np.concatenate([p.offsets[:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
-    info = {"source": source, "documents": int(len(offsets) - 1), "tokens": int(starts[-1]),
-            "parts": [p.info for p in parts]}
-    return Corpus(tokens, offsets, sum((p.urls for p in parts), []), info)
-
-
-def load_one_source(source, quiet):
+    if "+" in source:  # several sources, one after the other
+        parts = [load_corpus(s, quiet) for s in source.split("+")]
+        tokens = np.concatenate([p.tokens[:-1] for p in parts] + [np.array([EOT], np.uint16)])
+        starts = np.cumsum([0] + [p.offsets[-1] for p in parts])
+        offsets = np.concatenate([p.offsets[:-1] + s for p, s in zip(parts, starts)] + [starts[-1:]])
+        info = {"source": source, "documents": int(len(offsets) - 1), "tokens": int(starts[-1]),
+                "parts": [p.info for p in parts]}
+        return Corpus(tokens, offsets, sum((p.urls for p in parts), []), info)
     files, read = list_source(source)
     fingerprint = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([CACHE_VERSION, "gpt2", source, fingerprint]).encode()).hexdigest()[:16]
@@ -370,11 +359,10 @@ def open_cache(folder):
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
         offsets = np.load(os.path.join(folder, "offsets.npy"))
-        tokens_path = os.path.join(folder, "tokens.u16")
+        tokens = np.memmap(os.path.join(folder, "tokens.u16"), dtype=np.uint16, mode="r")  # empty: ValueError
         n = meta["info"]["tokens"]
-        if os.path.getsize(tokens_path) != 2 * (n + 1) or offsets[-1] != n or len(offsets) != len(meta["urls"]) + 1:
+        if len(tokens) != n + 1 or offsets[-1] != n or len(offsets) != len(meta["urls"]) + 1:
             return None
-        tokens = np.memmap(tokens_path, dtype=np.uint16, mode="r")
     except (OSError, ValueError, KeyError):
         return None
     return Corpus(tokens, offsets, meta["urls"], meta["info"])
@@ -428,16 +416,14 @@ def write_cache(folder, source, files, read, key, quiet):
 # Train / validation split
 
 def split_documents(corpus, val_fraction=0.05, seed=1234):
-    """Hold out whole documents, about val_fraction of the tokens, for validation. The
-    choice is seeded: the same corpus always gives the same split, and no validation
-    document is ever trained on.
-
-    Every document draws a random number; those that draw below val_fraction are held out.
-    With many documents that is about val_fraction of the tokens too, and the split stays
-    (so earlier runs stay comparable). When it misses by more than 2x (few documents, or one
-    huge one), documents are taken in the order of their draws until they hold val_fraction
-    of the tokens, passing over any that would overshoot to more than twice that. Either
-    way at least one document stays on each side."""
+    """Hold out whole documents, about val_fraction of the tokens, for validation, by a seeded
+    choice: the same corpus always gives the same split, and no validation document is ever
+    trained on. Every document draws a random number; those below val_fraction are held out,
+    which with many documents is about val_fraction of the tokens too (and keeps earlier runs
+    comparable). When it misses by more than 2x (few documents, or one huge one), documents
+    are taken in the order of their draws until they hold val_fraction of the tokens, passing
+    over any that would overshoot to more than twice that. Either way at least one document
+    stays on each side."""
     n = len(corpus)
     if n < 2:
         raise BadInput(f"data source '{corpus.info['source']}' has {n} document; need at least 2 "
@@ -450,24 +436,18 @@ def split_documents(corpus, val_fraction=0.05, seed=1234):
         is_val[-1] = True
     if is_val.all():
         is_val[0] = False
-    if not target / 2 <= sizes[is_val].sum() <= 2 * target:
-        is_val = split_by_tokens(sizes, np.argsort(draws), target)
+    if not target / 2 <= sizes[is_val].sum() <= 2 * target:  # take documents in the order of their draws
+        order, is_val, held = np.argsort(draws), np.zeros(n, dtype=bool), 0
+        for d in order:
+            if held >= target:
+                break
+            if held + sizes[d] <= 2 * target:  # a document that would overshoot a lot is passed over
+                is_val[d], held = True, held + sizes[d]
+        if not is_val.any():  # every document alone is more than twice the target: the smallest
+            is_val[np.argmin(sizes)] = True
+        if is_val.all():
+            is_val[order[-1]] = False  # the last one taken
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-
-def split_by_tokens(sizes, order, target):
-    """Documents in the given order into validation until they hold target tokens."""
-    is_val, held = np.zeros(len(sizes), dtype=bool), 0
-    for d in order:
-        if held >= target:
-            break
-        if held + sizes[d] <= 2 * target:  # a document that would overshoot a lot is passed over
-            is_val[d], held = True, held + sizes[d]
-    if not is_val.any():  # every document alone is more than twice the target: the smallest
-        is_val[np.argmin(sizes)] = True
-    if is_val.all():
-        is_val[order[-1]] = False  # the last one taken
-    return is_val
 
 
 def split_summary(corpus, train_docs, val_docs):
@@ -622,14 +602,12 @@ def with_metadata(corpus, meta, drop=0.0, loss=False):
     if not any(corpus.urls):
         raise BadInput(f"--meta {meta} needs a URL per document, but '{corpus.info['source']}' has none; "
                        "add a \"url\" field to each JSONL line, or use --meta none")
-    encoder, cache = get_tokenizer(), {"": NO_PREFIX}
-    def prefix(url):
-        if url not in cache:
-            label = url if meta == "url" else hashlib.sha256(url.encode()).hexdigest()[:8]
-            cache[url] = np.array(encoder.encode_ordinary(f"URL: {label}\n\n"), dtype=np.int64)
-        return cache[url]
+    prefix = {"": NO_PREFIX}  # one token array per distinct URL
+    for url in set(corpus.urls) - {""}:
+        label = url if meta == "url" else hashlib.sha256(url.encode()).hexdigest()[:8]
+        prefix[url] = np.array(get_tokenizer().encode_ordinary(f"URL: {label}\n\n"), dtype=np.int64)
     dropped = np.random.default_rng(0).random(len(corpus)) < drop
-    prefixes = [NO_PREFIX if gone else prefix(url) for url, gone in zip(corpus.urls, dropped)]
+    prefixes = [NO_PREFIX if gone else prefix[url] for url, gone in zip(corpus.urls, dropped)]
     return Corpus(corpus.tokens, corpus.offsets, corpus.urls, corpus.info, prefixes, loss)
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import cpp_extension
 
 
 @dataclass
@@ -86,23 +87,20 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, vocab), float32 for a stable softmax
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper
         appendix B: 6 per parameter (matmuls) plus the attention scores and weighted sum,
         6 * n_layer * T * n_embd (counted for full T x T attention, as PaLM and nanoGPT do)."""
-        cfg = self.config
-        return 6 * self.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
+        return 6 * self.num_params() + 6 * self.config.n_layer * T * self.config.n_embd
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Continue idx (B, T) by sampling one token at a time. No KV cache: every step
         re-runs the (cropped) context, which is slow but has nothing hidden."""
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
+            logits, _ = self(idx[:, -self.config.block_size:])  # the context, cropped
             logits = logits[:, -1, :] / max(temperature, 1e-6)
             logits[:, 50257:] = -float("inf")  # the padding rows of the vocab are never tokens
             if top_k is not None:
@@ -202,9 +200,7 @@ def apply_rotary(x, cos, sin):
 def attention(q, k, v, doc_ids=None, backend="auto"):
     """Causal attention within documents. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
     doc_ids: (B, T), non-decreasing along each row, or None for plain causal attention.
-    Token i attends to token j iff j <= i and doc_ids[b, i] == doc_ids[b, j].
-    "auto" runs kernels.cu when q is on a GPU and the kernel can take it, else sdpa; when
-    it cannot, it prints one line saying why (once)."""
+    "auto" runs kernels.cu when it can take q, on a GPU, else sdpa (saying why, once)."""
     if backend == "auto":
         problem = kernel_problem(q, k, v) if q.is_cuda else "not on a GPU"
         if q.is_cuda and problem is not None:
@@ -233,9 +229,8 @@ def document_causal_mask(doc_ids):
 
 
 def sdpa_attention(q, k, v, doc_ids):
-    """PyTorch's fused attention. With documents it needs an explicit (B, 1, T, T) mask,
-    which rules out its flash backend: that is the cost the fused kernel removes. The mask
-    compares ids for equality, so it is right for any doc_ids, sorted or not."""
+    """PyTorch's fused attention. Documents need an explicit (B, 1, T, T) mask, which rules out
+    its flash backend: the cost our kernel removes. Right for any doc_ids, sorted or not."""
     dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # SDPA takes one dtype: promote mixed ones
     if doc_ids is None:
@@ -244,12 +239,11 @@ def sdpa_attention(q, k, v, doc_ids):
 
 
 # -----------------------------------------------------------------------------
-# "reference" and "cuda" are one PyTorch operator. torch.library.custom_op makes it an
-# operator like aten::mm: torch.compile keeps it as one node of its graph (no graph
-# break), and autograd runs the backward registered for it. Inside, CUDA tensors go to
+# "reference" and "cuda" are one operator, like aten::mm: torch.compile keeps it as one
+# node of its graph, and autograd runs the backward registered for it. CUDA tensors go to
 # kernels.cu unless `mirror` asks for the mirror (flash_forward, flash_backward below),
-# which runs for every other device: so "cuda" on a CPU is the mirror too, and that is
-# how CI tests the very operator a GPU runs (opcheck, torch.compile) without a GPU.
+# which runs on every other device too: that is how CI tests, without a GPU, the very
+# operator a GPU runs (opcheck, torch.compile).
 
 @torch.library.custom_op("minipretrain::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
@@ -299,8 +293,7 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, do, _):
-    # Once differentiable: flash_attention_backward has no backward of its own, so a
-    # double backward (a gradient penalty, say) raises instead of dropping terms.
+    # Once differentiable: the backward op has no backward, so a double backward raises (not drops terms).
     dq, dk, dv = flash_attention_backward(do, *ctx.saved_tensors, ctx.mirror)
     return dq, dk, dv, None, None
 
@@ -309,12 +302,10 @@ flash_attention.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # -----------------------------------------------------------------------------
-# The reference backend: kernels.cu's algorithm in plain PyTorch. Read this first.
-#
-# Put it side by side with kernels.cu: same tiles, same loops, same names. Upper case
-# names (Q, K, V, S, P, dO, dS, dK, dV) are tiles, lower case (q, k, v, o, do, lse,
-# delta, dq) are whole (B, nh, T, ...) tensors. What is a loop over b and tiles here is
-# the kernel's grid of thread blocks; the heads run in parallel in both.
+# The reference backend: kernels.cu's algorithm in plain PyTorch. Read this first, beside
+# kernels.cu: same tiles, loops and names. Upper case names (Q, K, V, S, P, dO, dS, dK, dV)
+# are tiles, lower case (q, k, v, o, do, lse, delta, dq) whole (B, nh, T, ...) tensors. A
+# loop over b and tiles here is the kernel's grid of thread blocks; heads run in parallel.
 
 BLOCK_M = 64  # query rows per tile (kernels.cu BLOCK_M)
 BLOCK_N = 64  # key rows per tile (kernels.cu BLOCK_N)
@@ -340,10 +331,8 @@ def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
     alpha = 2^(m_old - m_new) rescales what was summed so far (the online softmax).
     Also notice which key tiles are visited at all: none right of the diagonal and none
     before the document of the tile's first query. Only tiles cut by the diagonal or a
-    document boundary need the element mask.
-
-    Returns o (B, nh, T, hs) and lse (B, nh, T): log2 of each row's sum of 2^scores,
-    which is all the backward needs to rebuild the softmax."""
+    document boundary need the element mask. Returns o (B, nh, T, hs) and lse (B, nh, T),
+    log2 of each row's sum of 2^scores: all the backward needs to rebuild the softmax."""
     B, H, T, D = q.shape
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel: fp32
     scale_log2 = LOG2E / math.sqrt(D)  # e^(x / sqrt(D)) == 2^(x * scale_log2)
@@ -469,16 +458,14 @@ def visible(docs, m0, m1, n0, n1):
     return (j <= i) & (docs[m0:m1, None] == docs[None, n0:n1])
 
 
-
 # -----------------------------------------------------------------------------
 # kernels.cu: which inputs it takes, and building it on first use
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (32, 64, 128)  # the instantiations at the bottom of kernels.cu
 
 _kernel = None  # the built extension module, once loaded
 _kernel_error = None  # why it cannot be built, once known
-_said = set()
+_said = set()  # the fallback lines said so far
 
 
 def kernel_problem(q, k, v):
@@ -487,7 +474,7 @@ def kernel_problem(q, k, v):
     B, H, T, D = q.shape
     if not q.dtype == k.dtype == v.dtype:
         return f"q, k, v have mixed dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
-    if q.dtype not in KERNEL_DTYPES:
+    if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the kernel takes float16 or bfloat16, not {q.dtype} (train with a bf16/fp16 dtype)"
     if D not in KERNEL_HEAD_DIMS:
         return f"the kernel is built for head sizes {KERNEL_HEAD_DIMS}, not {D}"
@@ -498,9 +485,8 @@ def kernel_problem(q, k, v):
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, while tracing
 def load_kernel(verbose=False):
-    """Build (first time: a minute or two) or load (cached: about a second) kernels.cu.
-    Returns the extension module, or None after printing one line that says why not and
-    how to fix it. The answer is remembered: a failed build is not retried every step."""
+    """Build (first time: a minute or two) or load (cached: a second) kernels.cu: the module,
+    or None after one line saying why and how to fix it. A failed build is not retried."""
     global _kernel, _kernel_error
     if _kernel is None and (_kernel_error is None or verbose):
         _kernel_error = _build_problem()
@@ -517,7 +503,6 @@ def load_kernel(verbose=False):
 
 def _build_problem():
     """What stops the build before it starts, or None. Each answer says how to fix it."""
-    from torch.utils import cpp_extension
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     if torch.version.hip is not None:
@@ -535,12 +520,10 @@ def _build_problem():
 
 
 def _build_kernel(verbose):
-    """Compile for the visible GPU only, one -gencode, cached per architecture (under
-    ~/.cache/torch_extensions; a later start only loads it). An explicit -gencode makes
-    cpp_extension ignore TORCH_CUDA_ARCH_LIST, on purpose: containers often list pre-sm_80
-    GPUs, which cannot assemble cp.async. No --use_fast_math: it would change every
-    division and sqrt; the softmax asks for ex2.approx by name."""
-    from torch.utils import cpp_extension
+    """Compile for the visible GPU only, cached per architecture in ~/.cache/torch_extensions.
+    The explicit -gencode makes cpp_extension ignore TORCH_CUDA_ARCH_LIST, on purpose:
+    containers often list pre-sm_80 GPUs, which cannot assemble cp.async. No
+    --use_fast_math: it would change every division and sqrt; the softmax asks for ex2.approx."""
     arch = "%d%d" % torch.cuda.get_device_capability()  # "86" for an RTX 3090
     return cpp_extension.load(name=f"minipretrain_attention_sm{arch}",
                               sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],

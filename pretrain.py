@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -59,8 +60,13 @@ NOT_SETTINGS = ("resume", "device", "out_dir", "sample", "init", "url", "prompt"
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    exit_with_one_line(sample if args.sample else train, args)
+
+
+def exit_with_one_line(run, args):
+    """run(args); bad input, or a run stopped by Ctrl-C, ends as one line and exit status 1."""
     try:
-        sample(args) if args.sample else train(args)
+        run(args)
     except BadInput as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:
@@ -101,12 +107,7 @@ def train(args):
     lr_at = schedule(run)
     record = {"args": {**vars(run), "world": world}, "data": corpus.info, "packing_stats": stats,
               "unigram_loss": baseline}
-    if rank == 0:
-        with open(os.path.join(run.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
-            json.dump({**record, "parameters": model.num_params()}, f, indent=1)
-    loop = Loop(out_dir=run.out_dir, max_steps=run.max_steps, grad_accum=run.grad_accum, grad_clip=run.grad_clip,
-                eval_interval=run.eval_interval, log_interval=run.log_interval, device=device, rank=rank,
-                world=world, compile=run.compile, quiet=run.quiet, keep=kept_steps(run))
+    loop = Loop.of(run, device, rank, world, keep=kept_steps(run))
     fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
 
     # --- the end: plots, samples and a summary, from process 0
@@ -194,6 +195,13 @@ class Loop:
     quiet: bool = False       # no progress bar
     keep: tuple = ()          # steps whose checkpoint is also kept, as ckpt_<step>.pt
 
+    @classmethod
+    def of(cls, run, device, rank, world, keep=()):
+        """The Loop of a run's settings (pretrain.py's and cpt.py's have the same names)."""
+        return cls(out_dir=run.out_dir, max_steps=run.max_steps, grad_accum=run.grad_accum, grad_clip=run.grad_clip,
+                   eval_interval=run.eval_interval, log_interval=run.log_interval, device=device, rank=rank,
+                   world=world, compile=run.compile, quiet=run.quiet, keep=keep)
+
 
 class Interrupted(Exception):
     """Ctrl-C: the step was finished and a checkpoint written. main() prints it and exits 1."""
@@ -204,16 +212,18 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
 
     next_batch(index) -> batch dict, a pure function of index, so resuming is exact.
     lr_at(step) -> learning rate. eval_sets: {name: [batches]}, scored every
-    loop.eval_interval steps and at the end. record: what the checkpoint records besides
-    the weights, the optimizer, the step and the RNG. Under torchrun every process runs
-    this loop on its own slice of each batch; DistributedDataParallel averages the
-    gradients; process 0 writes."""
+    loop.eval_interval steps and at the end. record: what run.json and the checkpoint
+    record besides the weights, the optimizer, the step and the RNG. Under torchrun every
+    process runs this loop on its own slice of each batch; DistributedDataParallel averages
+    the gradients; process 0 writes."""
     net = torch.compile(model) if loop.compile else model
     if loop.world > 1:
         net = DistributedDataParallel(net, device_ids=[torch.device(loop.device).index] if loop.device.startswith("cuda") else None)
     log_path = os.path.join(loop.out_dir, "log.jsonl")
     if loop.rank == 0:
         trim_log(log_path, start_step)  # a resumed run rewrites what came after its checkpoint
+        with open(os.path.join(loop.out_dir, "run.json"), "w") as f:  # what this run was, for comparisons
+            json.dump({**(record or {}), "parameters": model.num_params()}, f, indent=1)
     from tqdm import tqdm
     bar = tqdm(range(start_step, loop.max_steps), initial=start_step, total=loop.max_steps, desc="train",
                dynamic_ncols=True, disable=loop.quiet or loop.rank > 0)
@@ -228,7 +238,7 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
             loss, tokens = train_step(net, model, optimizer, next_batch, step, loop)
             done = step + 1
             stopping = everyone_agrees_to_stop(stop.requested, loop)
-            speed.add(tokens)
+            speed.tokens += tokens
 
             # log: reading the loss makes the CPU wait for the GPU, so not every step
             if done % loop.log_interval == 0 or done == loop.max_steps:
@@ -315,9 +325,6 @@ class Speedometer:
         self.model, self.world, self.t, self.tokens = model, loop.world, time.time(), 0
         name = torch.cuda.get_device_name(loop.device) if loop.device.startswith("cuda") else ""
         self.peak = next((flops for key, flops in self.PEAK_BF16.items() if key in name), None)
-
-    def add(self, tokens):
-        self.tokens += tokens
 
     def read(self):
         tok_s = self.tokens / (time.time() - self.t)
@@ -506,9 +513,7 @@ def settings(args, device, rank):
         "out", args.preset if args.preset != "auto" else pick_preset(device)[0])
     if args.resume:
         ckpt = resume_settings(run, args.max_steps)
-        for key, value in DEFAULTS.items():  # settings that older checkpoints do not have
-            if getattr(run, key) is None:
-                setattr(run, key, value)
+        fill_unset(run, DEFAULTS)  # settings that older checkpoints do not have
         check_settings(run, device)
         return run, ckpt
     why = None
@@ -516,9 +521,7 @@ def settings(args, device, rank):
         run.preset, why = pick_preset(device)
     if run.preset not in PRESETS:
         raise BadInput(f"unknown preset '{run.preset}'; choose auto or one of {', '.join(PRESETS)}")
-    for key, value in {**DEFAULTS, **PRESETS[run.preset]}.items():
-        if getattr(run, key) is None:
-            setattr(run, key, value)
+    fill_unset(run, {**DEFAULTS, **PRESETS[run.preset]})
     if args.warmup is None:  # the preset's warmup is for its own length; a short run warms up for half of it
         run.warmup = min(run.warmup, run.max_steps // 2)
     if why:
@@ -529,6 +532,13 @@ def settings(args, device, rank):
                   "(the cpu preset finishes in about 7); use --preset cpu unless you mean it")
     check_settings(run, device)
     return run, None
+
+
+def fill_unset(run, values):
+    """Set every setting still None (neither given nor inherited) from values."""
+    for key, value in values.items():
+        if getattr(run, key) is None:
+            setattr(run, key, value)
 
 
 # Every numeric setting: (flag, is it fine?, what it must be). Checked before any data is loaded.
@@ -546,6 +556,14 @@ RULES = [(flag, lambda v: v >= 1, "at least 1") for flag in (
     ("sample_tokens", lambda v: v >= 0, "0 or more"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     ("attn_backend", lambda v: v in ("auto", "sdpa", "reference", "cuda"), "auto, sdpa, reference or cuda"),
+    # cpt.py's own
+    ("replay", lambda v: 0 <= v < 1, "in [0, 1): the share of each batch's rows from the pretraining corpus"),
+    ("val_fraction", lambda v: 0 < v < 1, "in (0, 1): the share of new-domain documents held out"),
+    ("max_lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("min_lr", lambda v: math.isfinite(v) and v >= 0, "0 or more"),
+    ("constant_lr", lambda v: math.isfinite(v) and v > 0, "a positive number (by default sqrt(max_lr * min_lr))"),
+    ("cooldown", lambda v: v >= 0, "0 or more"),
+    ("anneal", lambda v: v >= 0, "0 or more"),
 ]
 
 
@@ -744,14 +762,9 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path} ({type(e).__name__}: {first_words(str(e))}); "
+        reason = textwrap.shorten(str(e), 120, placeholder=" ...")  # cut between words
+        raise BadInput(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); "
                        "it is damaged or not a minipretrain checkpoint")
-
-
-def first_words(text, limit=120):
-    """The first line of an error message, cut at a word boundary if it is long."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def restore(ckpt, model, optimizer, corpus, world):
@@ -910,8 +923,16 @@ def preset_table():
     return "presets (auto picks cpu without a GPU, laptop for a GPU under 40 GB, else gpt2):\n" + "\n".join(rows)
 
 
-# Flags that mean the same in pretrain.py and cpt.py: (flag, type, help).
+# Flags that mean the same in pretrain.py and cpt.py: (flag, type or choices, help). A flag
+# left unset is None, so settings() can tell it from one given with its default value.
 SHARED_FLAGS = [
+    ("data", str, f"the text to train on: {data.SOURCES_HELP}"),
+    ("out_dir", str, "where checkpoints, logs, plots and samples go"),
+    ("device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("resume", bool, "continue the run in --out_dir from its checkpoint, with its settings"),
+    ("max_steps", int, "optimizer steps"),
+    ("warmup", int, "steps of linear warmup (cpt.py: of rewarming)"),
+    ("packing", data.PACKINGS, "how documents are laid into rows"),
     ("batch_size", int, "rows per micro-step"),
     ("grad_accum", int, "micro-steps per optimizer step"),
     ("weight_decay", float, "AdamW weight decay on matrices"),
@@ -923,51 +944,48 @@ SHARED_FLAGS = [
     ("sample_tokens", int, "tokens per sample at the end of training (0: none)"),
     ("compile", on_off, "torch.compile the model: on or off"),
     ("attn_backend", str, "attention: auto, sdpa, reference (the kernel's PyTorch mirror) or cuda (kernels.cu)"),
+    ("quiet", bool, "no progress bars"),
 ]
 
 
-def add_shared_flags(p, default):
-    """Add SHARED_FLAGS to a parser; default(flag) says where an unset one comes from."""
-    for flag, kind, what in SHARED_FLAGS:
-        p.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag)})")
-    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+def add_flags(p, flags, default):
+    """Add (flag, type or choices, help) flags to a parser; default(flag) says where an
+    unset one comes from."""
+    for flag, kind, what in flags:
+        if kind is bool:
+            p.add_argument(f"--{flag}", action="store_true", default=None, help=what)
+        elif isinstance(kind, tuple):
+            p.add_argument(f"--{flag}", choices=kind, help=f"{what} (default: {default(flag)})")
+        else:
+            p.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag)})")
 
 
 def build_parser():
     p = Parser(description="Pretrain a GPT. Flags left unset come from the preset (with --resume: from the "
                "run's checkpoint), then from the defaults shown.", epilog=preset_table(),
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help=f"training text: {data.SOURCES_HELP} (default: the preset's)")
-    p.add_argument("--out_dir", help="where checkpoints, logs, plots and samples go (default out/<preset>)")
     p.add_argument("--preset", default="auto", help=f"auto (from the device) or one of {', '.join(PRESETS)} (default auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint, with its settings")
-    p.add_argument("--packing", choices=data.PACKINGS, help="how documents are laid into rows (default bestfit)")
-    p.add_argument("--meta", choices=data.METAS,
-                   help="MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing (default none)")
-    p.add_argument("--meta_cooldown", type=float, help="MeCo: last fraction of steps without metadata (default 0.1)")
-    p.add_argument("--meta_drop", type=float, help="MeCo ablation: share of documents never given metadata (default 0)")
-    p.add_argument("--meta_loss", action="store_true", default=None,
-                   help="MeCo ablation: train on the metadata tokens too (default: no loss on them)")
-    p.add_argument("--schedule", choices=("cosine", "wsd"),
-                   help="learning rate after warmup: cosine decay (default), or warmup-stable-decay (extendable)")
-    p.add_argument("--decay_frac", type=float, help="wsd: the last fraction of steps that decays (default 0.2)")
-    p.add_argument("--max_steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--n_layer", type=int, help="transformer blocks (default: the preset's)")
-    p.add_argument("--n_head", type=int, help="attention heads per block (default: the preset's)")
-    p.add_argument("--n_embd", type=int, help="width of the residual stream (default: the preset's)")
-    p.add_argument("--seq_len", type=int, help="tokens per row, also the model's block size (default: the preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--min_lr_ratio", type=float, help="final learning rate / peak (default 0.1)")
-    p.add_argument("--warmup", type=int, help="warmup steps (default: the preset's, at most half the steps)")
-    add_shared_flags(p, lambda flag: DEFAULTS.get(flag, "the preset's"))
+    add_flags(p, SHARED_FLAGS + [
+        ("meta", data.METAS, "MeCo: prefix each document with its URL (url), a hash of it (hash), or nothing"),
+        ("meta_cooldown", float, "MeCo: last fraction of steps without metadata"),
+        ("meta_drop", float, "MeCo ablation: share of documents never given metadata"),
+        ("meta_loss", bool, "MeCo ablation: train on the metadata tokens too (default: no loss on them)"),
+        ("schedule", ("cosine", "wsd"), "after warmup: cosine decay, or warmup-stable-decay (extendable)"),
+        ("decay_frac", float, "wsd: the last fraction of steps that decays"),
+        ("n_layer", int, "transformer blocks"),
+        ("n_head", int, "attention heads per block"),
+        ("n_embd", int, "width of the residual stream"),
+        ("seq_len", int, "tokens per row, also the model's block size"),
+        ("lr", float, "peak learning rate"),
+        ("min_lr_ratio", float, "final learning rate / peak"),
+    ], lambda flag: {"out_dir": "out/<preset>", "device": "auto", "warmup": "the preset's, at most half the steps",
+                     **DEFAULTS}.get(flag, "the preset's"))
     g = p.add_argument_group("sampling only (no training)")
     g.add_argument("--sample", action="store_true", help="generate text from --init and exit")
     g.add_argument("--init", help="the checkpoint to generate from")
     g.add_argument("--url", default="", help="steer generation with this URL, as MeCo trains it")
     g.add_argument("--prompt", default="", help="the text to continue")
     return p
-
 
 if __name__ == "__main__":
     main()

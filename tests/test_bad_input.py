@@ -115,8 +115,8 @@ CPT_CASES = [
     (["--max_steps", "0"], "--max_steps 0 is not valid"),
     (["--grad_clip", "-1"], "--grad_clip -1.0 is not valid"),
     (["--compile", "maybe"], "--compile: expected on or off"),
-    (["--replay", "1.5"], "--replay must be in [0, 1)"),
-    (["--val_fraction", "0"], "--val_fraction must be in (0, 1)"),
+    (["--replay", "1.5"], "--replay 1.5 is not valid: it must be in [0, 1)"),
+    (["--val_fraction", "0"], "--val_fraction 0.0 is not valid: it must be in (0, 1)"),
 ]
 
 

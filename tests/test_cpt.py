@@ -234,7 +234,7 @@ def test_bad_init_checkpoints(base, tmp_path):
 
 @pytest.mark.parametrize("replay", ["-0.1", "1", "1.5"])
 def test_replay_out_of_range(base, tmp_path, replay):
-    with pytest.raises(BadInput, match=r"--replay must be in \[0, 1\)"):
+    with pytest.raises(BadInput, match=r"--replay .* is not valid: it must be in \[0, 1\)"):
         run_cpt(cpt_args(base, tmp_path, 5, "--replay", replay))
 
 
@@ -256,7 +256,7 @@ def test_cpt_on_the_pretraining_data_warns(base, tmp_path, capsys):
 
 
 def test_command_line_errors_are_one_line(base, tmp_path):
-    for flags, message in [(["--replay", "1.5"], "--replay must be in [0, 1)"),
+    for flags, message in [(["--replay", "1.5"], "--replay 1.5 is not valid: it must be in [0, 1)"),
                            (["--init", str(tmp_path / "none.pt")], "no checkpoint at")]:
         result = subprocess.run([sys.executable, "cpt.py", "--out_dir", str(tmp_path), "--device", "cpu",
                                  "--quiet", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
