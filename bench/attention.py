@@ -1,5 +1,4 @@
-"""
-kernels.cu against PyTorch's attention on a GPU: forward and backward TFLOP/s of causal
+"""kernels.cu against PyTorch's attention on a GPU: forward and backward TFLOP/s of causal
 attention within documents, and each backend's errors against float64. Backends: ours
 (kernels.cu), SDPA's flash kernel with no documents at all (the speed limit of plain
 causal attention, not the same computation), SDPA with a boolean document mask, and
@@ -10,23 +9,23 @@ FlexAttention with a document block mask. Writes attention.md and .png beside th
 """
 
 import argparse
+import itertools
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from model import attention, document_causal_mask  # noqa: E402  (after the path is set)
+from common import BENCH, save
+import pretrain
+from model import attention, document_causal_mask
 
 OURS = "ours (kernels.cu)"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="folder for the .md and .png")
+    p.add_argument("--out", default=BENCH, help="folder for the .md and .png")
     p.add_argument("--seq_lens", default="1024,2048,4096,8192", help="comma-separated T")
     p.add_argument("--doc_lens", default="256,1024", help="comma-separated mean document lengths")
     p.add_argument("--head_dims", default="64,128", help="comma-separated head sizes (model width stays 1024)")
@@ -40,10 +39,8 @@ def main():
                         else f"CPU ({torch.get_num_threads()} threads; a dry run)")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     rows = []
-    for D in ints(args.head_dims):
-        for T in ints(args.seq_lens):
-            for doc_len in ints(args.doc_lens):
-                rows += bench_one(D, T, doc_len, args)
+    for D, T, doc_len in itertools.product(ints(args.head_dims), ints(args.seq_lens), ints(args.doc_lens)):
+        rows += bench_one(D, T, doc_len, args)
     errors = [e for D in ints(args.head_dims) for e in errors_against_float64(D, min(ints(args.seq_lens)), args)]
     os.makedirs(args.out, exist_ok=True)
     write_markdown(rows, errors, args, os.path.join(args.out, "attention.md"))
@@ -55,35 +52,32 @@ def bench_one(D, T, doc_len, args):
     """Time every backend on one batch. FLOPs count only the (query, key) pairs the mask
     allows, sum(L^2 / 2) over the documents, at 4 D per pair forward (S = Q K^T and P V)
     and 2.5 times that backward (FlashAttention's convention), for every backend alike."""
-    gen = torch.Generator().manual_seed(T + D + doc_len)
     B, H = max(1, args.tokens // T), 1024 // D
-    doc_ids = random_documents(B, T, doc_len, gen).to(args.device)
-    q, k, v, dout = (torch.randn(B, H, T, D, generator=gen).to(args.device, torch.bfloat16) for _ in range(4))
+    doc_ids, q, k, v, dout = random_inputs(B, H, T, D, doc_len, T + D + doc_len, args.device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    fwd_flops = 4 * D * H * allowed_pairs(doc_ids)
+    lengths = torch.cat([torch.unique_consecutive(row, return_counts=True)[1] for row in doc_ids.cpu()])
+    fwd_flops = 4 * D * H * (float((lengths.double() ** 2).sum()) / 2)
     rows = []
     for name, fn in backends(doc_ids, args.device).items():
         row = dict(D=D, T=T, doc_len=doc_len, B=B, backend=name)
+        where = f"d{D:<3d} T {T:5d}, documents ~{doc_len:5d}: {name:27s}"
         try:
             fwd_ms, bwd_ms = time_forward_backward(fn, q, k, v, dout, args.device)
             row.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd=fwd_flops / fwd_ms / 1e9, bwd=2.5 * fwd_flops / bwd_ms / 1e9)
+            print(f"{where} forward {row['fwd']:6.1f} TFLOP/s ({fwd_ms:7.3f} ms), backward {row['bwd']:6.1f} "
+                  f"({bwd_ms:7.3f} ms)", flush=True)
         except Exception as e:  # out of memory, a FlexAttention that does not compile here...
             row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
+            print(f"{where} {row['failed']}", flush=True)
         rows.append(row)
-        print(row_text(row), flush=True)
     return rows
 
 
-def random_documents(B, T, mean_len, gen):
-    """(B, T) int32 sorted doc_ids: rows cut into documents every ~mean_len tokens, at random."""
-    cuts = torch.rand(B, T, generator=gen) < 1.0 / mean_len
-    return cuts.cumsum(dim=1).to(torch.int32)
-
-
-def allowed_pairs(doc_ids):
-    """sum(L^2 / 2) over the documents of every row: the pairs the causal mask allows."""
-    lengths = torch.cat([torch.unique_consecutive(row, return_counts=True)[1] for row in doc_ids.cpu()])
-    return float((lengths.double() ** 2).sum()) / 2
+def random_inputs(B, H, T, D, mean_len, seed, device):
+    """doc_ids (B, T), cut into documents every ~mean_len tokens at random, and bf16 q, k, v, dout (B, H, T, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    doc_ids = (torch.rand(B, T, generator=gen) < 1.0 / mean_len).cumsum(dim=1).to(torch.int32).to(device)
+    return doc_ids, *(torch.randn(B, H, T, D, generator=gen).to(device, torch.bfloat16) for _ in range(4))
 
 
 def backends(doc_ids, device):
@@ -118,8 +112,7 @@ def time_forward_backward(fn, q, k, v, dout, device):
     that builds kernels and compiles FlexAttention. On a GPU, triton's do_bench (CUDA
     events, the L2 cache flushed between calls); on a CPU (a dry run), torch's Timer."""
     from torch.utils.benchmark import Timer
-    out = fn(q, k, v)
-    torch.autograd.grad(out, (q, k, v), dout)
+    torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
     out = fn(q, k, v)
     if device == "cuda":
         from triton.testing import do_bench
@@ -130,11 +123,8 @@ def time_forward_backward(fn, q, k, v, dout, device):
 
 
 def errors_against_float64(D, T, args):
-    """Max |error| against float64 attention (1 x 4 heads, documents of ~256 tokens) of
-    out, dq, dk, dv, for each backend that computes the documents, from the same bf16 inputs."""
-    gen = torch.Generator().manual_seed(D)
-    doc_ids = random_documents(1, T, 256, gen).to(args.device)
-    q, k, v, dout = (torch.randn(1, 4, T, D, generator=gen).to(args.device, torch.bfloat16) for _ in range(4))
+    """Max |error| of out, dq, dk, dv against float64, for each backend that computes the documents."""
+    doc_ids, q, k, v, dout = random_inputs(1, 4, T, D, 256, D, args.device)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=document_causal_mask(doc_ids))
     want = [want] + list(torch.autograd.grad(want, (q64, k64, v64), dout.double()))
@@ -150,13 +140,6 @@ def errors_against_float64(D, T, args):
         except Exception as e:
             print(f"errors of {name} skipped: {type(e).__name__}")
     return errors
-
-
-def row_text(r):
-    where = f"d{r['D']:<3d} T {r['T']:5d}, documents ~{r['doc_len']:5d}: {r['backend']:27s}"
-    if "failed" in r:
-        return f"{where} {r['failed']}"
-    return f"{where} forward {r['fwd']:6.1f} TFLOP/s ({r['fwd_ms']:7.3f} ms), backward {r['bwd']:6.1f} ({r['bwd_ms']:7.3f} ms)"
 
 
 def write_markdown(rows, errors, args, path):
@@ -189,11 +172,8 @@ def write_markdown(rows, errors, args, path):
 
 
 def plot(rows, path, device):
-    """TFLOP/s against T: forward on top, backward below, one column per (head size,
-    mean document length), one line per backend."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """TFLOP/s against T, forward above backward: a column per (head size, mean document length)."""
+    plt = pretrain.pyplot()
     panels = sorted({(r["D"], r["doc_len"]) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7), squeeze=False, sharey="row")
     for col, (D, doc_len) in enumerate(panels):
@@ -211,9 +191,7 @@ def plot(rows, path, device):
     axes[1, 0].set_ylabel("backward TFLOP/s")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"causal attention within documents, bf16, on {device}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What the bench scripts share: the repo on the import path, training runs as child
-processes (a finished run is reused), seeds summarised as mean and spread, the hardware line."""
+processes (a finished run is reused), seeds summarised as mean and spread, the hardware
+line, and plotting."""
 
 import os
 import subprocess
@@ -22,7 +23,7 @@ def train(script, out_dir, flags, steps):
     already holds its final evaluation is reused (delete the folder to train it again). A
     failing run stops the experiment with one line; the run printed its own reason above."""
     out_dir = os.path.join(ROOT, out_dir)  # runs live in the repo's out/, wherever this is started from
-    if any(r["step"] == steps and "val_loss" in r for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl"))):
+    if any(r["step"] == steps for r in evals(out_dir)):
         return out_dir
     command = [sys.executable, script, *map(str, flags), "--max_steps", str(steps), "--out_dir", out_dir, "--quiet"]
     print(" ".join(command[1:]), flush=True)
@@ -32,13 +33,18 @@ def train(script, out_dir, flags, steps):
     return out_dir
 
 
+def evals(out_dir, key="val_loss"):
+    """The records of a run's log that hold `key`."""
+    return [r for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if key in r]
+
+
 def final(out_dir, key="val_loss"):
     """The last logged value of `key` in a run."""
-    return [r[key] for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if key in r][-1]
+    return evals(out_dir, key)[-1][key]
 
 
 def spread(values):
-    """'mean ± sd (n)': sd is the sample standard deviation over seeds."""
+    """'mean ± sd' over seeds, sd the sample standard deviation."""
     values = np.asarray(values, dtype=float)
     sd = values.std(ddof=1) if len(values) > 1 else float("nan")
     return f"{values.mean():.3f} ± {sd:.3f}"
@@ -55,8 +61,14 @@ def hardware():
 
 
 def band(ax, xs, runs, label, **style):
-    """Plot the mean over seeds of several curves (runs: one list of y per seed) with a
-    band from the lowest to the highest seed."""
+    """Mean over seeds (runs: one list of y per seed), in a band from the lowest to the highest seed."""
     ys = np.array(runs, dtype=float)
     line, = ax.plot(xs, ys.mean(axis=0), label=label, **style)
     ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2, lw=0)
+
+
+def save(fig, path, dpi=110):
+    """Lay a figure out, write it to path and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pretrain.pyplot().close(fig)

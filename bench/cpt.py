@@ -1,16 +1,13 @@
-"""
-Continued pretraining: forgetting against adaptation, for the recipes the papers compare,
+"""Continued pretraining: forgetting against adaptation, for the recipes the papers compare,
 and the two controls they measure them against: 2 pretraining runs, 16 CPT runs and 2
 union runs of the cpu model.
 
     python bench/cpt.py                  # -> bench/cpt.md, cpt.png, cpt_tradeoff.png
 
-Pretraining: the cpu preset on stdlib for 200 steps (half its usual length, to fit the
-CPU budget), once with cosine and once with wsd.
-Then --steps CPT steps on pydoc for every row below, with two seeds (the seed sets the
+Pretraining: the cpu preset on stdlib for 200 steps, once with cosine and once with wsd.
+Then --steps CPT steps on pydoc for every row below, two seeds each (the seed sets the
 order of the CPT data). The union control trains from scratch on both corpora, with the
-same tokens of each as pretraining + CPT.
-"""
+same tokens of each as pretraining + CPT."""
 
 import argparse
 import os
@@ -18,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from common import BENCH, ROOT, SEEDS, band, hardware, spread, train
+from common import BENCH, ROOT, SEEDS, band, evals, hardware, save, spread, train
 import pretrain
 from model import GPT, GPTConfig
 
@@ -55,8 +52,7 @@ def main():
     runs = {label: [train("cpt.py", f"out/cpt/{i}@{seed}", ["--init", inits[start], "--seed", seed, *common, *flags,
                                                            *(decay if start == "wsd-stable" else [])],
                           args.steps) for seed in seeds] for i, (label, (start, flags)) in enumerate(ROWS.items())}
-    # The union control: from scratch, pretraining's stdlib rows and CPT's pydoc rows in one
-    # run of as many steps as both: 200 + 50 steps with 50 / 250 of every batch from pydoc.
+    # The union control: as many steps as both, 200 + 50, with 50 / 250 of every batch from pydoc.
     total = STEPS + args.steps
     union = [train("cpt.py", f"out/cpt/union@{seed}", ["--init", untrained(inits["cosine"], seed), "--seed", seed,
                                                        "--replay", 1 - args.steps / total, *common[:6],
@@ -75,59 +71,53 @@ def main():
                      f"{spread(r['old_after'])} | {spread(r['forgetting'])} | "
                      + ("— (the same corpus) | — |" if same else
                         f"{r['new_before']:.3f} -> {spread(r['new_after'])} | {spread(r['adaptation'])} |"))
-    u = summary["union: from scratch on both"] = numbers(union)
+    u = numbers(union)
     lines.append(f"| union: from scratch on both, {total} steps | {spread(u['old_after'])} at the end | — | "
                  f"{spread(u['new_after'])} at the end | — |")
     plot_curves(runs, union, os.path.join(BENCH, "cpt.png"))
-    plot_tradeoff(summary, os.path.join(BENCH, "cpt_tradeoff.png"))
+    plot_tradeoff(summary, u, os.path.join(BENCH, "cpt_tradeoff.png"))
     with open(os.path.join(BENCH, "cpt.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def untrained(like, seed):
-    """A step-0 checkpoint: a freshly initialised model with the config and recipe of the
-    checkpoint `like`, so that cpt.py can train it "from scratch"."""
+    """A step-0 checkpoint with the config and recipe of the checkpoint `like`, for cpt.py to train from scratch."""
     path = os.path.join(ROOT, "out", "cpt", f"untrained@{seed}.pt")
     if not os.path.exists(path):
         ckpt = pretrain.load_checkpoint(like)
         torch.manual_seed(seed)
         model = GPT(GPTConfig(**ckpt["config"]))
         optimizer = pretrain.make_optimizer(model, PEAK, 0.1, "cpu")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         pretrain.save_checkpoint(path, model, optimizer, 0, {"args": ckpt["args"], "data": ckpt["data"]})
     return path
 
 
 def numbers(dirs):
-    """Per seed: old and new validation loss before and after, the worst old loss on the
-    way (a rise above the start early on is the stability gap), and the differences."""
-    out = {k: [] for k in ("old_worst", "old_after", "new_after", "forgetting", "adaptation", "steps")}
+    """Per seed: old and new validation loss after, the worst old loss on the way (a rise
+    above the start early on is the stability gap), and the differences; the losses before
+    once (a row starts every seed from the same model)."""
+    per_seed = []
     for d in dirs:
-        evals = [r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss_new" in r]
-        before = pretrain.load_checkpoint(os.path.join(d, "ckpt.pt"))["init_eval"]
-        old = [r["val_loss_old"] for r in evals]
-        out.update(old_before=before["old"], new_before=before["new"])
-        out["old_worst"].append(max(old))
-        out["steps"].append(evals[old.index(max(old))]["step"])
-        out["old_after"].append(old[-1])
-        out["new_after"].append(evals[-1]["val_loss_new"])
-        out["forgetting"].append(old[-1] - before["old"])
-        out["adaptation"].append(before["new"] - evals[-1]["val_loss_new"])
-    out["worst_step"] = "/".join(map(str, out["steps"]))
+        log, before = evals(d, "val_loss_new"), pretrain.load_checkpoint(f"{d}/ckpt.pt")["init_eval"]
+        worst, last = max(log, key=lambda r: r["val_loss_old"]), log[-1]
+        per_seed.append(dict(old_worst=worst["val_loss_old"], steps=worst["step"], old_after=last["val_loss_old"],
+                             new_after=last["val_loss_new"], forgetting=last["val_loss_old"] - before["old"],
+                             adaptation=before["new"] - last["val_loss_new"]))
+    out = {key: [seed[key] for seed in per_seed] for key in per_seed[0]}
+    out.update(old_before=before["old"], new_before=before["new"], worst_step="/".join(map(str, out["steps"])))
     return out
 
 
 def curves(dirs, domain):
     """(tokens, [losses per seed]) of a domain, from the pretrained model (0 tokens) on."""
-    logs = [[r for r in pretrain.read_log(os.path.join(d, "log.jsonl")) if "val_loss_new" in r] for d in dirs]
-    before = [pretrain.load_checkpoint(os.path.join(d, "ckpt.pt"))["init_eval"][domain] for d in dirs]
+    logs = [evals(d, "val_loss_new") for d in dirs]
+    before = [pretrain.load_checkpoint(f"{d}/ckpt.pt")["init_eval"][domain] for d in dirs]
     return [0] + [r["tokens"] for r in logs[0]], [[b] + [r[f"val_loss_{domain}"] for r in log] for b, log in zip(before, logs)]
 
 
 def plot_curves(runs, union, path):
-    """Old domain (forgetting) and new domain (adaptation) against CPT tokens: mean over
-    seeds with a band from the best to the worst seed; the union's final loss dashed."""
+    """Old (forgetting) and new domain (adaptation) against CPT tokens; the union's final loss dashed."""
     plt = pretrain.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, domain, title in zip(axes, ("old", "new"), ("old domain (stdlib): forgetting", "new domain (pydoc): adaptation")):
@@ -142,33 +132,28 @@ def plot_curves(runs, union, path):
         ax.set(title=title, xlabel="CPT tokens", ylabel="validation loss (nats/token)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
-def plot_tradeoff(summary, path):
+def plot_tradeoff(summary, union, path):
     """Where each run ends: forgetting against new-domain loss, mean ± sd over seeds."""
     plt = pretrain.pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (label, r) in enumerate(summary.items()):
         if label.startswith("same data"):
             continue
-        if label.startswith("union"):  # it did not start from the pretrained model: no forgetting to speak of
-            ax.axhline(np.mean(r["new_after"]), ls="--", c="black", lw=1, label="union control's pydoc loss")
-            continue
         ax.errorbar(np.mean(r["forgetting"]), np.mean(r["new_after"]), xerr=np.std(r["forgetting"], ddof=1),
                     yerr=np.std(r["new_after"], ddof=1), fmt="o", capsize=3)
         ax.annotate(label, (np.mean(r["forgetting"]), np.mean(r["new_after"])), fontsize=7,
                     xytext=(6, 6 if i % 2 else -12), textcoords="offset points")  # alternate: less overlap
+    # The union did not start from the pretrained model: no forgetting to speak of, only its pydoc loss.
+    ax.axhline(np.mean(union["new_after"]), ls="--", c="black", lw=1, label="union control's pydoc loss")
     ax.set(xlabel="forgetting: increase of stdlib validation loss (nats)", ylabel="pydoc validation loss after CPT",
            title="forgetting vs adaptation (lower left is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.margins(x=0.3, y=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

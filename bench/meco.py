@@ -1,5 +1,4 @@
-"""
-Metadata conditioning (MeCo) and the ablations that explain its recipe, on the grammar
+"""Metadata conditioning (MeCo) and the ablations that explain its recipe, on the grammar
 corpus (eight probabilistic grammars; the URL says which one wrote a document): 14 short
 runs of the cpu preset, then the analysis.
 
@@ -7,8 +6,7 @@ runs of the cpu preset, then the analysis.
 
 Every row: the cpu preset for --steps steps, two seeds, the same validation documents.
 Then, for seed 1337: the loss at each position of a document, with and without its URL,
-before and after the cooldown; and steering, measured by a classifier.
-"""
+before and after the cooldown; and steering, measured by a classifier."""
 
 import argparse
 import os
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import BENCH, SEEDS, final, hardware, spread, train
+from common import BENCH, SEEDS, final, hardware, save, spread, train
 import data
 import pretrain
 
@@ -48,19 +46,17 @@ def main():
     corpus = data.load_corpus(args.data)
     train_docs, val_docs = data.split_documents(corpus)
     meco = data.with_metadata(corpus, "url")
-    first = [[(int(d), 0, int(min(meco.lengths[d], 16)))] for d in val_docs]  # each document's start
+    first = data.without_prefixes([[(int(d), 0, int(min(meco.lengths[d], 16)))] for d in val_docs], meco)
     lines = [f"# MeCo on `{args.data}`\n\nCommand: `python bench/meco.py` ({args.steps} steps of the cpu preset "
              f"per run, seeds {', '.join(map(str, seeds))}; mean ± sample standard deviation). Hardware: {hardware()}.\n",
-             "Validation: the same held-out documents for every row, without metadata and with it. "
-             "The paper's column is MeCo's own ablation (1.6B model, average "
-             "of downstream tasks, higher is better), not a loss.\n",
+             "Validation: the same held-out documents for every row, without metadata and with it. The paper's "
+             "column is MeCo's own ablation (1.6B model, average of downstream tasks, higher is better), not a loss.\n",
              "| run | validation loss, no URL | with URL | tokens 1-4 of a document, no URL | paper: downstream avg |",
              "| --- | --- | --- | --- | --- |"]
     for label, (_, flags, paper) in ROWS.items():
         meta = flags[1]
         with_url = spread([final(d, f"val_loss_{args.data}_{meta}") for d in runs[label]]) if meta != "none" else "—"
-        starts = [loss_by_position(pretrain.load_model(os.path.join(d, "ckpt.pt")), corpus,
-                                   data.without_prefixes(first, meco), 16) for d in runs[label]]
+        starts = [loss_by_position(pretrain.load_model(f"{d}/ckpt.pt"), corpus, first, 16) for d in runs[label]]
         lines.append(f"| {label} | {spread([final(d) for d in runs[label]])} | {with_url} | "
                      f"{spread([s[:4].sum() / c[:4].sum() for s, c in starts])} | {paper} |")
 
@@ -70,8 +66,8 @@ def main():
     plain = data.without_prefixes(rows, meco)  # the same text, URLs left out
     base_dir, meco_dir = runs["baseline (no metadata)"][0], runs["MeCo: URLs, then 10 % cooldown"][0]
     switch = pretrain.cooldown_start(args.steps, 0.1)
-    baseline, model = (pretrain.load_model(os.path.join(d, "ckpt.pt")) for d in (base_dir, meco_dir))
-    before = pretrain.load_model(os.path.join(meco_dir, f"ckpt_{switch}.pt"))
+    baseline, model = (pretrain.load_model(f"{d}/ckpt.pt") for d in (base_dir, meco_dir))
+    before = pretrain.load_model(f"{meco_dir}/ckpt_{switch}.pt")
     curves = {"baseline": loss_by_position(baseline, corpus, plain, seq_len),
               f"MeCo at step {switch}, no URL": loss_by_position(before, corpus, plain, seq_len),
               f"MeCo at step {switch}, with URL": loss_by_position(before, meco, rows, seq_len),
@@ -120,7 +116,6 @@ def steering_table(corpus, train_docs, sources, models, per_source=16, length=64
         counts = np.bincount(tokens, minlength=data.EOT + 1) + 1.0
         log_p.append(np.log(counts / counts.sum()))
     log_p = np.stack(log_p)  # (sources, vocab)
-    encoder = data.get_tokenizer()
     lines = [f"Steering: {per_source} samples of {length} tokens per URL; the share a token-frequency "
              f"classifier assigns to the URL's own source (chance: {1 / len(sources):.0%}):", "",
              "| model | " + " | ".join(sources) + " | all |", "| --- |" + " --- |" * (len(sources) + 1)]
@@ -128,7 +123,7 @@ def steering_table(corpus, train_docs, sources, models, per_source=16, length=64
         torch.manual_seed(0)
         hits = []
         for k, source in enumerate(sources):
-            prompt = [data.EOT] + encoder.encode_ordinary(f"URL: {source}\n\n")
+            prompt = [data.EOT] + data.get_tokenizer().encode_ordinary(f"URL: {source}\n\n")
             out = model.generate(torch.tensor([prompt] * per_source), length, temperature=0.8, top_k=200)
             for row in out[:, len(prompt):].tolist():
                 text = row[:row.index(data.EOT)] if data.EOT in row else row  # this document only
@@ -163,9 +158,7 @@ def plot(runs, curves, name, path):
     pos.set(xscale="log", xlabel="position of the token in its document (text tokens after the URL)",
             ylabel="mean loss", title="loss by position (one seed)")
     pos.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":
