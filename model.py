@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import cpp_extension
 
 
 @dataclass
@@ -172,9 +171,8 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer, Su et al. 2021). Notice that the angle of a
-    token depends only on its pos_id: give every document pos_ids starting at 0 and its
-    queries and keys are rotated exactly as if it were alone in the row."""
+    """Rotary position embedding (RoFormer, Su et al. 2021). Notice that a token's angle depends
+    only on its pos_id: a document whose pos_ids start at 0 is rotated as if alone in its row."""
 
     def __init__(self, head_dim, max_len, base):
         super().__init__()
@@ -503,6 +501,7 @@ def load_kernel(verbose=False):
 
 def _build_problem():
     """What stops the build before it starts, or None. Each answer says how to fix it."""
+    from torch.utils import cpp_extension  # only here: with a CUDA torch but no GPU, importing it warns
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     if torch.version.hip is not None:
@@ -524,6 +523,7 @@ def _build_kernel(verbose):
     The explicit -gencode makes cpp_extension ignore TORCH_CUDA_ARCH_LIST, on purpose:
     containers often list pre-sm_80 GPUs, which cannot assemble cp.async. No
     --use_fast_math: it would change every division and sqrt; the softmax asks for ex2.approx."""
+    from torch.utils import cpp_extension
     arch = "%d%d" % torch.cuda.get_device_capability()  # "86" for an RTX 3090
     return cpp_extension.load(name=f"minipretrain_attention_sm{arch}",
                               sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
