@@ -437,7 +437,8 @@ def split_documents(corpus, val_fraction=0.05, seed=1234):
     if is_val.all():
         is_val[0] = False
     if not target / 2 <= sizes[is_val].sum() <= 2 * target:  # take documents in the order of their draws
-        order, is_val, held = np.argsort(draws), np.zeros(n, dtype=bool), 0
+        order = np.argsort(draws)
+        is_val, held = np.zeros(n, dtype=bool), 0
         for d in order:
             if held >= target:
                 break

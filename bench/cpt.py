@@ -99,8 +99,10 @@ def numbers(dirs):
     once (a row starts every seed from the same model)."""
     per_seed = []
     for d in dirs:
-        log, before = evals(d, "val_loss_new"), pretrain.load_checkpoint(f"{d}/ckpt.pt")["init_eval"]
-        worst, last = max(log, key=lambda r: r["val_loss_old"]), log[-1]
+        log = evals(d, "val_loss_new")
+        before = pretrain.load_checkpoint(f"{d}/ckpt.pt")["init_eval"]
+        worst = max(log, key=lambda r: r["val_loss_old"])  # the first of the worst, if tied
+        last = log[-1]
         per_seed.append(dict(old_worst=worst["val_loss_old"], steps=worst["step"], old_after=last["val_loss_old"],
                              new_after=last["val_loss_new"], forgetting=last["val_loss_old"] - before["old"],
                              adaptation=before["new"] - last["val_loss_new"]))
