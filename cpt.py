@@ -23,7 +23,7 @@ The questions the papers ask, and this file lets you measure on a laptop:
   anneals only at the end (Ibrahim et al. 2024; Singh et al. 2025, "Beyond Cosine Decay").
 
 Read top-down: run() feeds pretrain.fit(), the loop pretrain.py uses; settings() inherits
-the pretrained recipe; lr_schedule(); the replay. The experiment is bench/cpt.py.
+the pretrained recipe; lr_schedule(); the replay. Experiment: bench/cpt.py; machinery: harness.py.
 """
 
 import argparse
@@ -34,8 +34,9 @@ from fractions import Fraction
 import torch
 
 import data
+import harness
 import pretrain
-from model import GPT, GPTConfig, BadInput
+from model import BadInput
 
 DEFAULT_INIT = os.path.join("out", "cpu", "ckpt.pt")
 SCHEDULES = ("rewarm-cosine", "constant", "infinite")
@@ -45,42 +46,36 @@ DEFAULTS = dict(data="pydoc", replay=0.0, schedule="rewarm-cosine", keep_optimiz
 
 
 def main(argv=None):
-    pretrain.exit_with_one_line(run, build_parser().parse_args(argv))
+    harness.exit_with_one_line(run, build_parser().parse_args(argv))
 
 
 def run(args):
-    """Checkpoint -> model, both corpora -> mixed batches and two validation sets,
-    schedule -> pretrain.fit(), then plots and samples."""
-    rank, world, device = pretrain.setup_distributed(pretrain.pick_device(args.device))
-    run, init, resumed = settings(args)
-    if device == "cpu":
-        pretrain.keep_freed_memory()
-    lock = pretrain.lock_out_dir(run.out_dir) if rank == 0 else None  # noqa: F841 (held until run() ends)
+    """Checkpoint -> model, both corpora -> mixed batches and two validation sets -> pretrain.fit()."""
+    rank, world, device = harness.setup_distributed(harness.pick_device(args.device))
+    run, init, model, resumed = settings(args, device)
+    lock = harness.claim_out_dir(run.out_dir, rank)  # noqa: F841 (held until run() ends)
     torch.manual_seed(run.seed)
 
-    # The new domain. pydoc has only 79 documents: the usual 5 % validation split would be
-    # ~3 documents (4k tokens), too few to tell runs apart, so CPT holds out --val_fraction
-    # (20 %: ~13 documents, ~25k tokens) of the new corpus.
-    new = data.load_corpus(run.data, quiet=run.quiet)
+    # The new domain. pydoc has 79 documents: a 5 % split would hold out ~3 (4k tokens), too
+    # few to tell runs apart, so CPT holds out --val_fraction (20 %: ~13, ~25k tokens) of it.
+    new = harness.load_corpus_once(run.data, rank, world, run.quiet)
     new_train, new_val = data.split_documents(new, run.val_fraction)
     new_rows = data.pack_split(new, new_train, run.seq_len, run.packing)
-    if same_corpus(new.info, init["data"]):
+    if harness.same_corpus(new.info, init["data"]):
         print(f"warning: --data {run.data} is the corpus {run.init} was pretrained on; "
               "this is more pretraining, not a new domain")
     # Validation: pretrain.py's own held-out rows, so "old, before CPT" is exactly the loss
     # pretraining ended with. "new" first: fit() also logs the first set as plain val_loss.
-    eval_sets = pretrain.validation_sets(new, new_val, "new", run.seq_len, run.batch_size, run.eval_batches)
+    eval_sets = pretrain.validation_sets({"new": new}, new_val, run.seq_len, run.batch_size, run.eval_batches)
     # The old domain, to replay and to measure forgetting on. Replayed rows are its training
     # documents, packed like the new ones; its validation documents are pretrain.py's.
     old, old_rows = load_old_corpus(run, init), None
     if old is not None:
         old_train, old_val = data.split_documents(old)
-        eval_sets.update(pretrain.validation_sets(old, old_val, "old", run.seq_len, run.batch_size, run.eval_batches))
+        eval_sets.update(pretrain.validation_sets({"old": old}, old_val, run.seq_len, run.batch_size, run.eval_batches))
         if run.replay > 0:
             old_rows = data.pack_split(old, old_train, run.seq_len, run.packing)
 
-    model = GPT(GPTConfig(**init["config"])).to(device)
-    model.load_state_dict(init["model"])
     model.attn_backend = run.attn_backend
     # Fresh AdamW moments by default, as in the papers: the old ones describe gradients of
     # the old data at a tiny LR. --keep_optimizer carries them over instead.
@@ -91,11 +86,11 @@ def run(args):
         except (KeyError, ValueError) as e:
             raise BadInput(f"--keep_optimizer: {run.init} has no usable optimizer state ({e}); drop --keep_optimizer")
     if resumed:
-        start_step = pretrain.restore(resumed, model, optimizer, new, world)
+        start_step = harness.restore(resumed, model, optimizer, new, world)
         init_eval = resumed["init_eval"]
     else:  # step 0 = the pretrained model, where every curve starts
         start_step = 0
-        init_eval = {name: pretrain.evaluate(model, batches, device) for name, batches in eval_sets.items()}
+        init_eval = {name: pretrain.evaluate(model, batches, device, run.dtype) for name, batches in eval_sets.items()}
     print(f"before CPT (step {init['step']} of {run.init}): " + ", ".join(f"val {k} {v:.3f}" for k, v in init_eval.items()))
 
     docmask = data.masks_documents(run.packing)
@@ -114,25 +109,24 @@ def run(args):
     loop = pretrain.Loop.of(run, device, rank, world)
     pretrain.fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
     if rank == 0:
-        pretrain.plot_losses(run.out_dir)
-        pretrain.plot_lr(run.out_dir, lr_at, run.max_steps, title=f"--schedule {run.schedule}")
-        pretrain.write_samples(model, run.out_dir, device, ["", "The ", "def "], run.sample_tokens, run.seed)
+        harness.plot_losses(run.out_dir)
+        harness.plot_lr(run.out_dir, lr_at, run.max_steps, title=f"--schedule {run.schedule}")
+        harness.write_samples(model, run.out_dir, device, ["", "The ", "def "], run.sample_tokens, run.seed)
 
 
-def settings(args):
-    """(run, the pretrained checkpoint, the CPT checkpoint to resume or None). On --resume
-    the settings are this run's own checkpoint's, so `python cpt.py --resume --out_dir X`
-    needs nothing else (flags you do pass must agree with it). Otherwise CPT continues the
-    pretrained recipe (batch size, packing, peak and final LR, warmup), then the defaults."""
+def settings(args, device):
+    """(run, the pretrained checkpoint, its model, the CPT checkpoint to resume or None). On
+    --resume the settings are this run's own checkpoint's, so `python cpt.py --resume
+    --out_dir X` needs nothing else (flags you do pass must agree with it). Otherwise CPT
+    continues the pretrained recipe (batch size, packing, peak and final LR, warmup)."""
     run = argparse.Namespace(**vars(args))
     run.out_dir = args.out_dir or os.path.join("out", "cpt")
     resumed = None
     if args.resume:
-        resumed = pretrain.load_checkpoint(os.path.join(run.out_dir, "ckpt.pt"))
-        pretrain.inherit(run, resumed.get("args", {}), os.path.join(run.out_dir, "ckpt.pt"), skip=("resume", "device", "out_dir"))
-    pretrain.check_rules(run)  # the flags given, before anything is loaded
+        resumed = harness.load_checkpoint(os.path.join(run.out_dir, "ckpt.pt"))
+        harness.inherit(run, resumed.get("args", {}), os.path.join(run.out_dir, "ckpt.pt"), skip=("resume", "device", "out_dir"))
     run.init = os.path.normpath(run.init or DEFAULT_INIT)
-    init = load_init(run.init)
+    init, model = load_init(run.init, device)
 
     trained = init["args"]
     peak = trained.get("lr", trained.get("max_lr"))  # a pretrain.py or a cpt.py checkpoint
@@ -140,48 +134,42 @@ def settings(args):
     # The pretrained recipe, where CPT does not change it (.get: settings older checkpoints lack)
     recipe = {key: trained[key] for key in ("warmup", "batch_size", "grad_accum", "packing", "eval_batches", "seed")}
     recipe.update(weight_decay=trained.get("weight_decay", 0.1), grad_clip=trained.get("grad_clip", 1.0),
-                  compile=trained.get("compile", False), attn_backend=trained.get("attn_backend", "auto"))
-    pretrain.fill_unset(run, {**DEFAULTS, **recipe, "old_data": init["data"]["source"], "max_lr": peak,
-                              "min_lr": final, "max_steps": max(1, trained["max_steps"] // 4)})
+                  compile=trained.get("compile", False), attn_backend=trained.get("attn_backend", "auto"),
+                  dtype=trained.get("dtype", "auto"))
+    harness.fill_unset(run, {**DEFAULTS, **recipe, "old_data": init["data"]["source"], "max_lr": peak,
+                             "min_lr": final, "max_steps": max(1, trained["max_steps"] // 4)})
     run.seq_len = init["config"]["block_size"]
     # Evaluations are dense: the stability gap comes early. The infinite schedule's shape is
     # Ibrahim et al.'s; its lengths and constant LR (half way between peak and final on a log
     # scale) are our choice.
-    pretrain.fill_unset(run, dict(eval_interval=max(1, run.max_steps // 10), cooldown=run.max_steps // 5,
-                                  anneal=run.max_steps // 10, constant_lr=math.sqrt(run.max_lr * run.min_lr)))
-    pretrain.check_rules(run)  # again: the settings that came from the checkpoint
+    harness.fill_unset(run, dict(eval_interval=max(1, run.max_steps // 10), cooldown=run.max_steps // 5,
+                                 anneal=run.max_steps // 10, constant_lr=math.sqrt(run.max_lr * run.min_lr)))
     if run.schedule == "infinite" and run.warmup + run.cooldown + run.anneal > run.max_steps:
         raise BadInput(f"--schedule infinite needs warmup + cooldown + anneal <= max_steps, got "
                        f"{run.warmup} + {run.cooldown} + {run.anneal} > {run.max_steps}; shorten them")
-    pretrain.check_out_dir(run.out_dir)
-    return run, init, resumed
+    if run.schedule == "infinite" and run.constant_lr <= 0:
+        raise BadInput("--schedule infinite needs a positive --constant_lr (sqrt(max_lr * min_lr) is 0 when "
+                       "--min_lr is 0); pass --constant_lr")
+    return run, init, model, resumed
 
 
-def load_init(path):
-    """The pretrained checkpoint, checked: a minipretrain checkpoint whose weights fit its config."""
+def load_init(path, device):
+    """(checkpoint, model): the pretrained checkpoint, checked, and its model."""
     if not os.path.exists(path):
         raise BadInput(f"no checkpoint at {path}; pass --init with the ckpt.pt of a pretrain.py run "
                        "(python pretrain.py --preset cpu --out_dir out/cpu writes out/cpu/ckpt.pt)")
-    ckpt = pretrain.load_checkpoint(path)
+    ckpt = harness.load_checkpoint(path)
     missing = [k for k in ("model", "config", "args", "data", "step") if k not in ckpt]
     missing += [f"args.{k}" for k in ("warmup", "max_steps", "batch_size", "grad_accum", "packing",
                                       "eval_batches", "seed") if k not in ckpt.get("args", {})]
     if missing:
         raise BadInput(f"{path} is not a pretrain.py checkpoint (no {', '.join(missing)}); "
                        "pass --init the ckpt.pt written by pretrain.py or cpt.py")
-    try:
-        GPT(GPTConfig(**ckpt["config"])).load_state_dict(ckpt["model"])
-    except TypeError as e:
-        raise BadInput(f"{path} has a model config this model.py does not know ({e}); "
-                       "it was written by another version of minipretrain")
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise BadInput(f"{path}: the weights do not fit its model config {ckpt['config']} ({first[:150]}); "
-                       "the checkpoint is damaged or was edited")
+    model = harness.load_model(path, device, ckpt)
     if ckpt["step"] < ckpt["args"]["max_steps"]:
         print(f"note: {path} stopped at step {ckpt['step']} of {ckpt['args']['max_steps']}, before its LR "
               "had decayed; CPT starts from it anyway")
-    return ckpt
+    return ckpt, model
 
 
 def load_old_corpus(run, ckpt):
@@ -195,16 +183,10 @@ def load_old_corpus(run, ckpt):
                            f"which cannot be read ({e}); pass --old_data with where it is now, or --replay 0")
         print(f"warning: the pretraining corpus '{run.old_data}' cannot be read, so forgetting is not measured ({e})")
         return None
-    if run.old_data == ckpt["data"]["source"] and not same_corpus(old.info, ckpt["data"]):
+    if run.old_data == ckpt["data"]["source"] and not harness.same_corpus(old.info, ckpt["data"]):
         print(f"warning: the pretraining corpus '{run.old_data}' changed since {run.init} was trained "
               f"({ckpt['data']['tokens']:,} tokens then, {old.info['tokens']:,} now); old-domain losses use today's")
     return old
-
-
-def same_corpus(a, b):
-    """Do two corpus.info dicts describe the same tokens? (fingerprint: files, sizes, times)"""
-    return (a["tokens"] == b["tokens"] and a.get("fingerprint") == b.get("fingerprint")
-            and [p.get("fingerprint") for p in a.get("parts", [])] == [p.get("fingerprint") for p in b.get("parts", [])])
 
 
 def lr_schedule(schedule, max_lr, min_lr, warmup, max_steps, constant_lr=None, cooldown=0, anneal=0):
@@ -225,18 +207,22 @@ def lr_schedule(schedule, max_lr, min_lr, warmup, max_steps, constant_lr=None, c
 # -----------------------------------------------------------------------------
 # Replay: a fixed share of every batch's rows from the old corpus
 
-def replay_count(index, batch_size, replay):
-    """How many of batch `index`'s rows come from the old corpus.
+def sum_replayed(index, batch_size, replay):
+    """How many old rows batches 0..index-1 hold together: floor(index·B·r).
 
     With 8 rows and 5 % replay a batch "should" hold 0.4 old rows. Rounding per batch
     would give 0 every time; drawing each row at random is right only on average. Instead
     the fractional row is carried from batch to batch, like Bresenham's line algorithm:
-    batch i gets floor((i+1)·B·r) - floor(i·B·r) rows, so after N batches exactly
-    floor(N·B·r) rows were replayed, never a whole row from N·B·r. It is a pure function
-    of the index (r read as a fraction, so 0.05 is exactly 1/20), so a resumed run sees
-    exactly the batches it would have seen."""
+    after N batches exactly floor(N·B·r) rows were replayed, never a whole row from N·B·r.
+    It is a pure function of the index (r read as a fraction, so 0.05 is exactly 1/20),
+    so a resumed run sees exactly the batches it would have seen."""
     r = Fraction(replay).limit_denominator(10_000)
-    return ((index + 1) * batch_size * r.numerator) // r.denominator - (index * batch_size * r.numerator) // r.denominator
+    return (index * batch_size * r.numerator) // r.denominator
+
+
+def replay_count(index, batch_size, replay):
+    """How many of batch `index`'s rows come from the old corpus."""
+    return sum_replayed(index + 1, batch_size, replay) - sum_replayed(index, batch_size, replay)
 
 
 def mixed_batch(index, new, new_rows, old, old_rows, batch_size, replay, seq_len, seed, docmask=True, rank=0, world=1):
@@ -261,12 +247,6 @@ def mixed_batch(index, new, new_rows, old, old_rows, batch_size, replay, seq_len
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}  # (batch_size, T)
 
 
-def sum_replayed(index, batch_size, replay):
-    """Old rows in batches 0..index-1: the sum of replay_count, in closed form."""
-    r = Fraction(replay).limit_denominator(10_000)
-    return (index * batch_size * r.numerator) // r.denominator
-
-
 def stream_rows(rows, start, count, seed):
     """Rows start..start+count-1 of the endless stream that visits every row once per epoch."""
     return [rows[data.batch_rows(len(rows), position, 1, seed)[0]] for position in range(start, start + count)]
@@ -276,20 +256,20 @@ def stream_rows(rows, start, count, seed):
 # Command line
 
 def build_parser():
-    p = pretrain.Parser(description="Continue pretraining a checkpoint on new data. "
+    p = harness.Parser(description="Continue pretraining a checkpoint on new data. "
                                 "Flags left unset come from the checkpoint (or, with --resume, from the CPT run).")
     p.add_argument("--init", help=f"the pretrained checkpoint to start from (default {DEFAULT_INIT})")
-    pretrain.add_flags(p, pretrain.SHARED_FLAGS + [
+    harness.add_flags(p, harness.SHARED_FLAGS + [
         ("old_data", str, "the pretraining corpus, for replay and forgetting"),
-        ("replay", float, "fraction of each batch's rows from the pretraining corpus, in [0, 1)"),
+        ("replay", harness.SHARE, "fraction of each batch's rows from the pretraining corpus, in [0, 1)"),
         ("schedule", SCHEDULES, "learning-rate schedule"),
-        ("keep_optimizer", bool, "reuse the checkpoint's AdamW moments (default: fresh ones)"),
-        ("max_lr", float, "peak LR after rewarming"),
-        ("min_lr", float, "LR to rewarm from and decay to"),
-        ("constant_lr", float, "infinite schedule: the constant LR"),
-        ("cooldown", int, "infinite schedule: steps from max_lr to constant_lr"),
-        ("anneal", int, "infinite schedule: final steps from constant_lr to min_lr"),
-        ("val_fraction", float, "share of new-domain documents held out"),
+        ("keep_optimizer", "store_true", "reuse the checkpoint's AdamW moments (default: fresh ones)"),
+        ("max_lr", harness.POSITIVE, "peak LR after rewarming"),
+        ("min_lr", harness.NON_NEGATIVE, "LR to rewarm from and decay to"),
+        ("constant_lr", harness.POSITIVE, "infinite schedule: the constant LR"),
+        ("cooldown", harness.AT_LEAST_0, "infinite schedule: steps from max_lr to constant_lr"),
+        ("anneal", harness.AT_LEAST_0, "infinite schedule: final steps from constant_lr to min_lr"),
+        ("val_fraction", harness.OPEN_SHARE, "share of new-domain documents held out"),
     ], lambda flag: {**DEFAULTS, "out_dir": "out/cpt", "device": "auto", "max_steps": "a quarter of pretraining's",
                      "old_data": "the source recorded in the checkpoint", "constant_lr": "sqrt(max_lr * min_lr)",
                      "cooldown": "max_steps / 5", "anneal": "max_steps / 10", "eval_interval": "max_steps / 10"

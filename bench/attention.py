@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common import BENCH, save
-import pretrain
+import harness
 from model import attention, document_causal_mask
 
 OURS = "ours (kernels.cu)"
@@ -173,7 +173,7 @@ def write_markdown(rows, errors, args, path):
 
 def plot(rows, path, device):
     """TFLOP/s against T, forward above backward: a column per (head size, mean document length)."""
-    plt = pretrain.pyplot()
+    plt = harness.pyplot()
     panels = sorted({(r["D"], r["doc_len"]) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7), squeeze=False, sharey="row")
     for col, (D, doc_len) in enumerate(panels):

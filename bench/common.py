@@ -1,8 +1,13 @@
 """What the bench scripts share: the repo on the import path, training runs as child
-processes (a finished run is reused), seeds summarised as mean and spread, the hardware
-line, and plotting."""
+processes (a finished run is reused), seeds summarised as mean and spread, the one rule that
+decides which differences a table may claim, the hardware line, and plotting.
 
+    python bench/common.py --mark README.md bench/*.md   # mark tables already written"""
+
+from itertools import combinations
 import os
+import platform
+import re
 import subprocess
 import sys
 
@@ -13,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, ROOT)
 
-import pretrain  # noqa: E402  (after the path is set)
+import harness  # noqa: E402  (after the path is set)
 
 SEEDS = (1337, 1338, 1339)
 
@@ -35,7 +40,7 @@ def train(script, out_dir, flags, steps):
 
 def evals(out_dir, key="val_loss"):
     """The records of a run's log that hold `key`."""
-    return [r for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if key in r]
+    return [r for r in harness.read_log(os.path.join(out_dir, "log.jsonl")) if key in r]
 
 
 def final(out_dir, key="val_loss"):
@@ -45,9 +50,56 @@ def final(out_dir, key="val_loss"):
 
 def spread(values):
     """'mean ± sd' over seeds, sd the sample standard deviation."""
-    values = np.asarray(values, dtype=float)
-    sd = values.std(ddof=1) if len(values) > 1 else float("nan")
-    return f"{values.mean():.3f} ± {sd:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else float('nan'):.3f}"
+
+
+def resolved(a, b):
+    """The one rule for every comparison in bench/ and the README: two rows differ when their
+    means are further apart than the sum of their two standard deviations (a, b: (mean, sd)).
+    Rough on purpose: two or three seeds cannot carry a finer test."""
+    return abs(a[0] - b[0]) - (a[1] + b[1]) > 1e-9  # a tie on the printed digits is not apart
+
+
+CELL = re.compile(r"\**([-+]?\d+\.\d+)\** ± (\d+\.\d+)(?: \([a-z]+\))?")  # a cell of 'mean ± sd' alone, marked or not
+NOTE = ("Letters: in a column, rows that share a letter are within spread (`bench/common.py:resolved`); rows "
+        "with no letter in common differ by more than their spread. Bold: the lowest, resolved from every other row.")
+
+
+def mark(text):
+    """Mark every markdown table in text by `resolved`, in each column of 'mean ± sd' cells:
+    a cell gets the letters of the largest groups of rows that are all within spread of each
+    other (tables are small, so every subset is tried), and the lowest mean is bold only if it
+    is a group of its own. Marks already there are replaced: a table can be marked again."""
+    parts = re.split(r"((?:^\|.*\n)+)", text, flags=re.M)  # odd parts are tables
+    for p in range(1, len(parts), 2):
+        rows = [line.strip().strip("|").split("|") for line in parts[p].splitlines()]
+        marked = False
+        for j in range(len(rows[0])):
+            found = {i: CELL.fullmatch(row[j].strip()) for i, row in enumerate(rows) if i > 1 and j < len(row)}
+            found = {i: m for i, m in found.items() if m}
+            cells = {i: (float(m[1]), float(m[2])) for i, m in found.items()}
+            if len(cells) < 2:
+                continue
+            near = [set(g) for n in range(len(cells), 0, -1) for g in combinations(cells, n)
+                    if not any(resolved(cells[a], cells[b]) for a, b in combinations(g, 2))]
+            groups = sorted((g for g in near if not any(g < h for h in near)), key=lambda g: min(cells[i][0] for i in g))
+            for i, m in found.items():
+                letters = "".join(chr(ord("a") + k) for k, g in enumerate(groups) if i in g)
+                mean = f"**{m[1]}**" if groups[0] == {i} else m[1]  # the lowest, resolved from every other row
+                rows[i][j] = f" {mean} ± {m[2]} ({letters}) "
+            marked = True
+        if marked:
+            parts[p] = "".join(f"|{'|'.join(row)}|\n" for row in rows) + f"\n{NOTE}\n"
+            parts[p + 1] = re.sub(r"\A\nLetters: .*\n", "", parts[p + 1])  # the note of an earlier marking
+    return "".join(parts)
+
+
+def write(path, lines):
+    """Write a bench report, its tables marked, and print it."""
+    text = mark("\n".join(lines) + "\n")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text, end="")
 
 
 def hardware():
@@ -57,7 +109,9 @@ def hardware():
     except (OSError, StopIteration):
         name = "unknown CPU"
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    return f"{threads} thread(s) per run of a {os.cpu_count()}-core {name}, torch {torch.__version__}"
+    # Python too: the stdlib and pydoc corpora are the running Python's own files.
+    return (f"{threads} thread(s) per run of a {os.cpu_count()}-core {name}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def band(ax, xs, runs, label, **style):
@@ -71,4 +125,14 @@ def save(fig, path, dpi=110):
     """Lay a figure out, write it to path and close it."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    pretrain.pyplot().close(fig)
+    harness.pyplot().close(fig)
+
+
+if __name__ == "__main__":  # mark the tables of files written before, README.md too
+    if sys.argv[1:2] != ["--mark"]:
+        sys.exit("usage: python bench/common.py --mark FILE.md ...")
+    for path in sys.argv[2:]:
+        with open(path) as f:
+            text = mark(f.read())
+        with open(path, "w") as f:
+            f.write(text)

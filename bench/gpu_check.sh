@@ -157,7 +157,7 @@ if [ "$GPU" = 1 ]; then
     fi
     part_in_background cpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" \
         tests/test_attention.py tests/test_model.py
-    part cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_attention.py
+    part cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_attention.py tests/test_model.py
     collect_background
 else
     skip cuda_tests "no CUDA GPU"
@@ -181,12 +181,12 @@ train() {  # train NAME FLAGS...: pretrain.py into $RUNS/NAME, its log.jsonl cop
     cp "$RUNS/$name/log.jsonl" "$OUT/$name.jsonl" 2>/dev/null
 }
 if [ "$GPU" = 1 ]; then
-    # Eager (--compile off) and one micro-step per step, so that the backends are what differs.
+    # Eager (--no-compile) and one micro-step per step, so that the backends are what differs.
     for backend in auto sdpa cuda; do
-        train "train_$backend" --preset laptop --max_steps 200 --grad_accum 1 --compile off --attn_backend "$backend"
+        train "train_$backend" --preset laptop --max_steps 200 --grad_accum 1 --no-compile --attn_backend "$backend"
     done
     # The mirror is Python loops over tiles, each a few small launches: a few steps tell its speed.
-    train train_reference --preset laptop --max_steps 10 --grad_accum 1 --compile off --attn_backend reference
+    train train_reference --preset laptop --max_steps 10 --grad_accum 1 --no-compile --attn_backend reference
     # A 6 GB laptop GPU: the laptop preset as it is (compiled, 8 micro-steps per step) under a
     # memory cap. (Plain `pretrain.py` would pick the gpt2 preset from this GPU's real memory.)
     part train_laptop_6GB 180 "$PY" -c "import sys, torch, pretrain

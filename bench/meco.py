@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import BENCH, SEEDS, final, hardware, save, spread, train
+from common import BENCH, SEEDS, final, hardware, save, spread, train, write
 import data
+import harness
 import pretrain
 
 # label: (run folder, flags, MeCo paper's 1.6B downstream average, arXiv 2501.01956 v3)
@@ -56,7 +57,7 @@ def main():
     for label, (_, flags, paper) in ROWS.items():
         meta = flags[1]
         with_url = spread([final(d, f"val_loss_{args.data}_{meta}") for d in runs[label]]) if meta != "none" else "—"
-        starts = [loss_by_position(pretrain.load_model(f"{d}/ckpt.pt"), corpus, first, 16) for d in runs[label]]
+        starts = [loss_by_position(harness.load_model(f"{d}/ckpt.pt"), corpus, first, 16) for d in runs[label]]
         lines.append(f"| {label} | {spread([final(d) for d in runs[label]])} | {with_url} | "
                      f"{spread([s[:4].sum() / c[:4].sum() for s, c in starts])} | {paper} |")
 
@@ -66,15 +67,16 @@ def main():
     plain = data.without_prefixes(rows, meco)  # the same text, URLs left out
     base_dir, meco_dir = runs["baseline (no metadata)"][0], runs["MeCo: URLs, then 10 % cooldown"][0]
     switch = pretrain.cooldown_start(args.steps, 0.1)
-    baseline, model = (pretrain.load_model(f"{d}/ckpt.pt") for d in (base_dir, meco_dir))
-    before = pretrain.load_model(f"{meco_dir}/ckpt_{switch}.pt")
+    baseline, model = (harness.load_model(f"{d}/ckpt.pt") for d in (base_dir, meco_dir))
+    before = harness.load_model(f"{meco_dir}/ckpt_{switch}.pt")
     curves = {"baseline": loss_by_position(baseline, corpus, plain, seq_len),
               f"MeCo at step {switch}, no URL": loss_by_position(before, corpus, plain, seq_len),
               f"MeCo at step {switch}, with URL": loss_by_position(before, meco, rows, seq_len),
               "MeCo after cooldown, no URL": loss_by_position(model, corpus, plain, seq_len),
               "MeCo after cooldown, with URL": loss_by_position(model, meco, rows, seq_len)}
-    lines += ["", f"Loss by position (seed {seeds[0]}), on the first {seq_len - int(meco.prefix_lengths.max())} "
-              f"text tokens of {len(val_docs)} validation documents, identical text in every row:\n",
+    lines += ["", f"Loss by position, one seed ({seeds[0]}: no spread to tell rows apart), on the first "
+              f"{seq_len - int(meco.prefix_lengths.max())} text tokens of {len(val_docs)} validation documents, "
+              "identical text in every row:\n",
               "| model | tokens 1-4 | 5-16 | 17-64 | 65+ | all |", "| --- | --- | --- | --- | --- | --- |"]
     for label, (sums, counts) in curves.items():
         cells = [sums[a:b].sum() / counts[a:b].sum() for a, b in ((0, 4), (4, 16), (16, 64), (64, seq_len))]
@@ -83,9 +85,7 @@ def main():
     sources = sorted(set(corpus.urls) - {""})
     if len(sources) <= 16:
         lines += ["", *steering_table(corpus, train_docs, sources, {"baseline": baseline, "MeCo after cooldown": model})]
-    with open(os.path.join(BENCH, "meco.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(os.path.join(BENCH, "meco.md"), lines)
 
 
 @torch.no_grad()
@@ -113,11 +113,10 @@ def steering_table(corpus, train_docs, sources, models, per_source=16, length=64
     for source in sources:
         docs = [d for d in train_docs if corpus.urls[d] == source]
         tokens = np.concatenate([corpus.tokens[corpus.offsets[d] + 1:corpus.offsets[d + 1]] for d in docs])
-        counts = np.bincount(tokens, minlength=data.EOT + 1) + 1.0
-        log_p.append(np.log(counts / counts.sum()))
+        log_p.append(data.unigram_log_probs(tokens))
     log_p = np.stack(log_p)  # (sources, vocab)
-    lines = [f"Steering: {per_source} samples of {length} tokens per URL; the share a token-frequency "
-             f"classifier assigns to the URL's own source (chance: {1 / len(sources):.0%}):", "",
+    lines = [f"Steering, one seed of each model: {per_source} samples of {length} tokens per URL; the share a "
+             f"token-frequency classifier assigns to the URL's own source (chance: {1 / len(sources):.0%}):", "",
              "| model | " + " | ".join(sources) + " | all |", "| --- |" + " --- |" * (len(sources) + 1)]
     for label, model in models.items():
         torch.manual_seed(0)
@@ -136,7 +135,7 @@ def steering_table(corpus, train_docs, sources, models, per_source=16, length=64
 def plot(runs, curves, name, path):
     """Left: final validation loss of every row, without and with URLs, one dot per seed.
     Right: loss by position in the document, before and after the cooldown."""
-    plt = pretrain.pyplot()
+    plt = harness.pyplot()
     fig, (ax, pos) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": (1, 1.2)})
     for i, (label, dirs) in enumerate(runs.items()):
         meta = ROWS[label][1][1]

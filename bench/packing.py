@@ -16,8 +16,9 @@ import os
 import numpy as np
 import torch
 
-from common import BENCH, SEEDS, band, evals, final, hardware, save, spread, train
+from common import BENCH, SEEDS, band, evals, final, hardware, save, spread, train, write
 import data
+import harness
 import pretrain
 from model import document_causal_mask
 
@@ -62,20 +63,18 @@ def main():
                      f"{spread([final(d) for d in runs[label]])} |")
     plot_runs(runs, plans, real, os.path.join(BENCH, "packing_loss.png"))
 
-    lines += ["", "Loss on a validation document's first 128 tokens, alone and right after 128 tokens of an "
-              f"unrelated document with plain causal attention (seed {SEEDS[0]}):\n",
+    lines += ["", "Loss on a validation document's first 128 tokens, alone and right after 128 tokens of an unrelated "
+              f"document with plain causal attention; one seed ({SEEDS[0]}), so no spread to tell rows apart:\n",
               "| trained with | alone (masked) | after an unrelated document (plain causal) |", "| --- | --- | --- |"]
     for strategy in ("concat", "concat-docmask"):
         alone, after = cross_document_loss(corpus, val_docs, runs[strategy][0])
         lines.append(f"| {strategy} | {alone:.3f} | {after:.3f} |")
-    with open(os.path.join(BENCH, "packing.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(os.path.join(BENCH, "packing.md"), lines)
 
 
 def draw_packings(corpus, packed, stats, seq_len, path, n_rows=10):
     """packing.png: rows of each packing coloured by document, and a best-fit row's attention mask."""
-    plt = pretrain.pyplot()
+    plt = harness.pyplot()
     fig = plt.figure(figsize=(12, 7))
     grid = fig.add_gridspec(4, 2, width_ratios=(2.2, 1))
     colours = plt.get_cmap("tab20").colors
@@ -109,7 +108,7 @@ def draw_packings(corpus, packed, stats, seq_len, path, n_rows=10):
 
 def plot_runs(runs, plans, real, path):
     """Validation loss against real (non-padding) tokens: the mean and range over seeds."""
-    plt = pretrain.pyplot()
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, dirs in runs.items():
         logs = [evals(d) for d in dirs]
@@ -127,7 +126,7 @@ def cross_document_loss(corpus, docs, out_dir, n=128, pairs=64):
     """Mean loss on the first n tokens of validation documents, (1) alone and (2) right
     after n tokens of an unrelated document with plain causal attention, as concat
     training sees them. Pairs are fixed: document i follows document i + 1."""
-    model = pretrain.load_model(f"{out_dir}/ckpt.pt")
+    model = harness.load_model(f"{out_dir}/ckpt.pt")
     long_docs = [int(d) for d in docs if corpus.lengths[d] >= n][:pairs + 1]
     rows = [[(long_docs[i + 1], 0, n), (long_docs[i], 0, n)] for i in range(len(long_docs) - 1)]
     losses = []

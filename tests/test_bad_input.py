@@ -8,44 +8,45 @@ import sys
 import pytest
 
 import cpt
+import harness
 import pretrain
 from test_cpt import base, cpt_args  # noqa: F401  (base is a fixture: a tiny pretrained model)
 from test_pretrain import ROOT, tiny_args
 
 PRETRAIN_CASES = [  # (flags added to a tiny run, words the message must hold)
-    (["--lr", "-1"], "--lr -1.0 is not valid"),
-    (["--lr", "nan"], "--lr nan is not valid"),
+    (["--lr", "-1"], "--lr: -1 is not valid"),
+    (["--lr", "nan"], "--lr: nan is not valid"),
     (["--n_head", "3", "--n_embd", "128"], "--n_embd 128 must split into --n_head 3"),
-    (["--n_head", "0"], "--n_head 0 is not valid"),
+    (["--n_head", "0"], "--n_head: 0 is not valid"),
     (["--n_head", "4", "--n_embd", "36"], "heads of an even size"),
-    (["--n_layer", "0"], "--n_layer 0 is not valid"),
-    (["--max_steps", "0"], "--max_steps 0 is not valid"),
-    (["--max_steps", "-5"], "--max_steps -5 is not valid"),
-    (["--eval_interval", "0"], "--eval_interval 0 is not valid"),
-    (["--log_interval", "0"], "--log_interval 0 is not valid"),
-    (["--eval_batches", "0"], "--eval_batches 0 is not valid"),
-    (["--grad_accum", "0"], "--grad_accum 0 is not valid"),
-    (["--batch_size", "0"], "--batch_size 0 is not valid"),
-    (["--seed", "-1"], "--seed -1 is not valid"),
-    (["--grad_clip", "0"], "--grad_clip 0.0 is not valid"),
-    (["--grad_clip", "-1"], "--grad_clip -1.0 is not valid"),
-    (["--min_lr_ratio", "5"], "--min_lr_ratio 5.0 is not valid"),
-    (["--min_lr_ratio", "-1"], "--min_lr_ratio -1.0 is not valid"),
-    (["--weight_decay", "-1"], "--weight_decay -1.0 is not valid"),
-    (["--warmup", "-5"], "--warmup -5 is not valid"),
+    (["--n_layer", "0"], "--n_layer: 0 is not valid"),
+    (["--max_steps", "0"], "--max_steps: 0 is not valid"),
+    (["--max_steps", "-5"], "--max_steps: -5 is not valid"),
+    (["--eval_interval", "0"], "--eval_interval: 0 is not valid"),
+    (["--log_interval", "0"], "--log_interval: 0 is not valid"),
+    (["--eval_batches", "0"], "--eval_batches: 0 is not valid"),
+    (["--grad_accum", "0"], "--grad_accum: 0 is not valid"),
+    (["--batch_size", "0"], "--batch_size: 0 is not valid"),
+    (["--seed", "-1"], "--seed: -1 is not valid"),
+    (["--grad_clip", "0"], "--grad_clip: 0 is not valid"),
+    (["--grad_clip", "-1"], "--grad_clip: -1 is not valid"),
+    (["--min_lr_ratio", "5"], "--min_lr_ratio: 5 is not valid"),
+    (["--min_lr_ratio", "-1"], "--min_lr_ratio: -1 is not valid"),
+    (["--weight_decay", "-1"], "--weight_decay: -1 is not valid"),
+    (["--warmup", "-5"], "--warmup: -5 is not valid"),
     (["--warmup", "30"], "--warmup 30 must be less than --max_steps 20"),
-    (["--meta_cooldown", "1"], "--meta_cooldown 1.0 is not valid"),
-    (["--meta_cooldown", "-0.1"], "--meta_cooldown -0.1 is not valid"),
-    (["--meta_drop", "1.5"], "--meta_drop 1.5 is not valid"),
-    (["--decay_frac", "0"], "--decay_frac 0.0 is not valid"),
-    (["--sample_tokens", "-5"], "--sample_tokens -5 is not valid"),
-    (["--compile", "maybe"], "--compile: expected on or off"),
-    (["--attn_backend", "flash"], "--attn_backend flash is not valid"),
-    (["--max_steps", "abc"], "--max_steps: invalid int value"),
+    (["--meta_cooldown", "1"], "--meta_cooldown: 1 is not valid"),
+    (["--meta_cooldown", "-0.1"], "--meta_cooldown: -0.1 is not valid"),
+    (["--meta_drop", "1.5"], "--meta_drop: 1.5 is not valid"),
+    (["--decay_frac", "0"], "--decay_frac: 0 is not valid"),
+    (["--sample_tokens", "-5"], "--sample_tokens: -5 is not valid"),
+    (["--compile=off"], "--compile/--no-compile: ignored explicit argument 'off'"),
+    (["--attn_backend", "flash"], "--attn_backend: invalid choice: 'flash'"),
+    (["--max_steps", "abc"], "--max_steps: 'abc' is not a whole number"),
     (["--init", "x.pt"], "--init is for --sample"),
     (["--seq_len", "100000"], "one step needs about"),
     (["--data", "missing.jsonl"], "data source 'missing.jsonl' not found"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ]
 
@@ -74,8 +75,8 @@ def test_out_dir_that_cannot_be_a_folder(tmp_path, out_dir, says):
 
 def test_a_second_run_on_the_same_out_dir_stops(tmp_path):
     """The first run holds a lock on its out_dir; a second process must not write there."""
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import pretrain; "
-                               f"lock = pretrain.lock_out_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import harness; "
+                               f"lock = harness.claim_out_dir({str(tmp_path)!r}, 0); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -103,20 +104,20 @@ def test_resume_as_printed_takes_every_setting_from_the_checkpoint(tmp_path):
     """`--resume --out_dir DIR` alone continues a run started with non-default flags."""
     pretrain.main(tiny_args(tmp_path, 6, "--eval_interval", "3"))
     pretrain.main(["--resume", "--out_dir", str(tmp_path), "--device", "cpu"])
-    assert pretrain.load_checkpoint(tmp_path / "ckpt.pt")["args"]["n_embd"] == 32
+    assert harness.load_checkpoint(tmp_path / "ckpt.pt")["args"]["n_embd"] == 32
 
 
 CPT_CASES = [
-    (["--eval_interval", "0"], "--eval_interval 0 is not valid"),
-    (["--batch_size", "0"], "--batch_size 0 is not valid"),
-    (["--grad_accum", "0"], "--grad_accum 0 is not valid"),
-    (["--log_interval", "0"], "--log_interval 0 is not valid"),
-    (["--eval_batches", "0"], "--eval_batches 0 is not valid"),
-    (["--max_steps", "0"], "--max_steps 0 is not valid"),
-    (["--grad_clip", "-1"], "--grad_clip -1.0 is not valid"),
-    (["--compile", "maybe"], "--compile: expected on or off"),
-    (["--replay", "1.5"], "--replay 1.5 is not valid: it must be in [0, 1)"),
-    (["--val_fraction", "0"], "--val_fraction 0.0 is not valid: it must be in (0, 1)"),
+    (["--eval_interval", "0"], "--eval_interval: 0 is not valid"),
+    (["--batch_size", "0"], "--batch_size: 0 is not valid"),
+    (["--grad_accum", "0"], "--grad_accum: 0 is not valid"),
+    (["--log_interval", "0"], "--log_interval: 0 is not valid"),
+    (["--eval_batches", "0"], "--eval_batches: 0 is not valid"),
+    (["--max_steps", "0"], "--max_steps: 0 is not valid"),
+    (["--grad_clip", "-1"], "--grad_clip: -1 is not valid"),
+    (["--compile=off"], "--compile/--no-compile: ignored explicit argument 'off'"),
+    (["--replay", "1.5"], "--replay: 1.5 is not valid: it must be in [0, 1)"),
+    (["--val_fraction", "0"], "--val_fraction: 0 is not valid: it must be in (0, 1)"),
 ]
 
 
@@ -134,4 +135,4 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "pretrain.py", "--out_dir", str(tmp_path), "--lr", "-1", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --lr -1.0 is not valid: it must be a positive number"
+    assert result.stderr.strip() == "error: argument --lr: -1 is not valid: it must be a positive number (see --help)"

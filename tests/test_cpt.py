@@ -14,6 +14,7 @@ import torch
 
 import cpt
 import data
+import harness
 import pretrain
 from model import BadInput
 
@@ -49,7 +50,7 @@ def run_cpt(argv):
 
 
 def losses(out_dir, key="loss"):
-    return {r["step"]: r[key] for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if key in r}
+    return {r["step"]: r[key] for r in harness.read_log(os.path.join(out_dir, "log.jsonl")) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +153,13 @@ def test_mixed_batches_take_each_corpus_as_its_own_stream(base):
 # ---------------------------------------------------------------- whole runs
 
 def test_cpt_logs_both_domains_from_the_pretrained_model_on(base, cpt_run):
-    log = pretrain.read_log(cpt_run / "log.jsonl")
+    log = harness.read_log(cpt_run / "log.jsonl")
     evals = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in evals] == [5, 10]
     assert all(r["val_loss_new"] != r["val_loss_old"] and r["val_loss"] == r["val_loss_new"] for r in evals)
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
     # "old, before CPT" is the validation loss pretraining ended with: the same held-out rows
-    pretrained = [r for r in pretrain.read_log(base / "run" / "log.jsonl") if "val_loss" in r][-1]
+    pretrained = [r for r in harness.read_log(base / "run" / "log.jsonl") if "val_loss" in r][-1]
     init_eval = json.load(open(cpt_run / "run.json"))["init_eval"]
     assert init_eval["old"] == pytest.approx(pretrained["val_loss"], abs=1e-6)
     assert init_eval["new"] > evals[-1]["val_loss_new"]  # it learned the new domain
@@ -234,7 +235,7 @@ def test_bad_init_checkpoints(base, tmp_path):
 
 @pytest.mark.parametrize("replay", ["-0.1", "1", "1.5"])
 def test_replay_out_of_range(base, tmp_path, replay):
-    with pytest.raises(BadInput, match=r"--replay .* is not valid: it must be in \[0, 1\)"):
+    with pytest.raises(SystemExit, match=r"--replay: .* is not valid: it must be in \[0, 1\)"):
         run_cpt(cpt_args(base, tmp_path, 5, "--replay", replay))
 
 
@@ -246,7 +247,7 @@ def test_replay_needs_the_original_corpus(base, tmp_path, capsys):
     # without replay the run goes on, measuring the new domain only
     run_cpt(cpt_args(base, tmp_path / "out", 2) + ["--init", str(init)])
     assert "cannot be read, so forgetting is not measured" in capsys.readouterr().out
-    evals = [r for r in pretrain.read_log(tmp_path / "out" / "log.jsonl") if "val_loss" in r]
+    evals = [r for r in harness.read_log(tmp_path / "out" / "log.jsonl") if "val_loss" in r]
     assert "val_loss_new" in evals[-1] and "val_loss_old" not in evals[-1]
 
 
@@ -256,7 +257,7 @@ def test_cpt_on_the_pretraining_data_warns(base, tmp_path, capsys):
 
 
 def test_command_line_errors_are_one_line(base, tmp_path):
-    for flags, message in [(["--replay", "1.5"], "--replay 1.5 is not valid: it must be in [0, 1)"),
+    for flags, message in [(["--replay", "1.5"], "--replay: 1.5 is not valid: it must be in [0, 1)"),
                            (["--init", str(tmp_path / "none.pt")], "no checkpoint at")]:
         result = subprocess.run([sys.executable, "cpt.py", "--out_dir", str(tmp_path), "--device", "cpu",
                                  "--quiet", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+import harness
 import pretrain
 from test_pretrain import ROOT, losses, tiny_args
 
@@ -12,8 +13,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """torchrun, 2 CPU processes (gloo), 2 rows each == 1 process with 4 rows: the same
     rows, and DDP's averaged gradient equals the full batch's gradient. concat packing has
     no padding, so every process scores the same number of tokens and the match is exact
-    up to float rounding."""
-    common = ["--packing", "concat", "--max_steps", "6", "--eval_interval", "3", "--grad_accum", "2"]
+    up to float rounding (fp32: bf16 rounding would hide a mismatch)."""
+    common = ["--packing", "concat", "--max_steps", "6", "--eval_interval", "3", "--grad_accum", "2", "--dtype", "fp32"]
     pretrain.main(tiny_args(tmp_path / "one", 6, *common, "--batch_size", "4"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -25,5 +26,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
     ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["args"]["world"] == 2
-    log = pretrain.read_log(tmp_path / "two" / "log.jsonl")
+    log = harness.read_log(tmp_path / "two" / "log.jsonl")
     assert log[-1]["tokens"] == 6 * 2 * 2 * 2 * 64  # steps x processes x rows x micro-steps x seq_len

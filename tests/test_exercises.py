@@ -68,8 +68,8 @@ def first_fit_decreasing(pieces, seq_len):
 
 
 def replay_by_rounding(index, batch_size, replay):
-    """A plausible wrong answer to replay_count: round each batch on its own."""
-    return round(batch_size * replay)
+    """A plausible wrong answer to sum_replayed: round each batch on its own."""
+    return index * round(batch_size * replay)
 
 
 # exercise: (its grading test in test_graded.py, [(what is swapped in, owner, name, how), ...])
@@ -121,9 +121,9 @@ EXERCISES = {
          ("return step < cooldown_start(max_steps, meta_cooldown)",
           "return step <= cooldown_start(max_steps, meta_cooldown)")),
     ]),
-    "replay_count": ("test_replay_count", [
-        ("blank", cpt, "replay_count", blank),
-        ("rounded per batch", cpt, "replay_count", replay_by_rounding),
+    "sum_replayed": ("test_replay_count", [
+        ("blank", cpt, "sum_replayed", blank),
+        ("rounded per batch", cpt, "sum_replayed", replay_by_rounding),
     ]),
     "rewarm": ("test_rewarm_schedule", [
         ("blank learning_rate", pretrain, "learning_rate", blank),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import harness
 import pretrain
 from model import BadInput
 from test_data import write_jsonl
@@ -18,7 +19,7 @@ from test_pretrain import ROOT, losses, tiny_args
 SAVE_FOREVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import pretrain
+import harness
 from model import GPT, GPTConfig
 model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=128))
 optimizer = torch.optim.AdamW(model.parameters())
@@ -27,7 +28,7 @@ while True:  # ~30 MB a checkpoint: a kill usually lands mid-write
     step += 1
     with torch.no_grad():
         model.wte.weight.fill_(step)
-    pretrain.save_checkpoint({path!r}, model, optimizer, step, {{}})
+    harness.save_checkpoint({path!r}, model, optimizer, step, {{}})
     print(step, flush=True)
 """
 

@@ -237,7 +237,7 @@ def test_meco_cooldown():
 # 4. Continued pretraining: replay and rewarming
 
 def test_replay_count():
-    """cpt.replay_count: batch i gets floor(B r) or ceil(B r) old rows, and after any
+    """cpt.sum_replayed, through replay_count: batch i gets floor(B r) or ceil(B r) old rows, and after any
     number of batches the total is within one row of the exact share."""
     assert [cpt.replay_count(i, 8, 0.05) for i in range(10)] == [0, 0, 1, 0, 1] * 2
     for batch_size in (1, 8, 12):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+import harness
 import pretrain
 from model import BadInput
 from test_data import check_exact_cover, write_jsonl
@@ -99,8 +100,8 @@ def test_cooldown_switches_at_the_exact_step(tmp_path, monkeypatch):
                             "--grad_accum", "2"))
     assert seen == [(i, i // 2 < 7) for i in range(20)]  # steps 0-6 with URLs, 7-9 without
     # the model at the end of the URL phase is kept beside the final one
-    assert pretrain.load_checkpoint(tmp_path / "run" / "ckpt_7.pt")["step"] == 7
-    assert pretrain.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 10
+    assert harness.load_checkpoint(tmp_path / "run" / "ckpt_7.pt")["step"] == 7
+    assert harness.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 10
 
 
 def test_sampling_with_a_url(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import harness
 import pretrain
 from model import BadInput
 
@@ -22,7 +23,7 @@ def tiny_args(out_dir, steps=20, *extra):
 
 
 def losses(out_dir):
-    return {r["step"]: r["loss"] for r in pretrain.read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r}
+    return {r["step"]: r["loss"] for r in harness.read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r}
 
 
 # ---------------------------------------------------------------- schedule
@@ -42,7 +43,7 @@ def test_learning_rate_at_key_steps():
 
 def test_smoke_run_writes_everything_and_learns(tmp_path):
     pretrain.main(tiny_args(tmp_path, 30, "--sample_tokens", "8"))
-    log = pretrain.read_log(tmp_path / "log.jsonl")
+    log = harness.read_log(tmp_path / "log.jsonl")
     train = [r for r in log if "loss" in r]
     evals = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))
@@ -101,7 +102,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     model.config = pretrain.GPTConfig()
     with pytest.raises(OSError):
-        pretrain.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.SGD(model.parameters(), 0.1), 99, {})
+        harness.save_checkpoint(str(tmp_path / "ckpt.pt"), model, torch.optim.SGD(model.parameters(), 0.1), 99, {})
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert os.listdir(tmp_path).count("ckpt.pt.tmp") == 0
 
@@ -126,7 +127,7 @@ def test_resume_with_nothing_or_garbage(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--data", "missing.jsonl"], "data source 'missing.jsonl' not found"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
     (["--device", "cuda"], "no CUDA GPU is visible"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, flags, message):
@@ -160,29 +161,29 @@ def test_a_wsd_run_extended_logs_what_a_longer_run_logs(tmp_path):
     where the first decay began (step 8, still at the peak LR) and decays at step 16."""
     pretrain.main(tiny_args(tmp_path / "straight", 20, "--schedule", "wsd"))
     pretrain.main(tiny_args(tmp_path / "extended", 10, "--schedule", "wsd"))
-    assert pretrain.load_checkpoint(tmp_path / "extended" / "ckpt_8.pt")["step"] == 8
+    assert harness.load_checkpoint(tmp_path / "extended" / "ckpt_8.pt")["step"] == 8
     pretrain.main(["--resume", "--out_dir", str(tmp_path / "extended"), "--max_steps", "20", "--device", "cpu"])
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "extended")
     assert sorted(b) == list(range(1, 21))
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), [(s, a[s], b[s]) for s in (9, 16, 20)]
-    lrs = [r["lr"] for r in pretrain.read_log(tmp_path / "extended" / "log.jsonl") if "loss" in r]
+    lrs = [r["lr"] for r in harness.read_log(tmp_path / "extended" / "log.jsonl") if "loss" in r]
     assert lrs[8:15] == [3e-3] * 7 and lrs[-1] < 3e-3  # stable until step 16 this time, then decaying
 
 
 def test_training_on_the_mirror_matches_sdpa(tmp_path, monkeypatch):
     """--attn_backend reference (kernels.cu's algorithm in PyTorch) trains the same model as
-    SDPA: the same loss at every step, to float tolerance."""
+    SDPA: the same loss at every step, to float tolerance (fp32: bf16 rounding would hide it)."""
     import model
-    pretrain.main(tiny_args(tmp_path / "sdpa", 12, "--attn_backend", "sdpa"))
+    pretrain.main(tiny_args(tmp_path / "sdpa", 12, "--attn_backend", "sdpa", "--dtype", "fp32"))
     calls, real = [], model.flash_forward
     monkeypatch.setattr(model, "flash_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    pretrain.main(tiny_args(tmp_path / "mirror", 12, "--attn_backend", "reference"))
+    pretrain.main(tiny_args(tmp_path / "mirror", 12, "--attn_backend", "reference", "--dtype", "fp32"))
     assert len(calls) >= 12 * 2  # every step, every layer ran the mirror
     a, b = losses(tmp_path / "sdpa"), losses(tmp_path / "mirror")
     assert sorted(b) == list(range(1, 13))
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     assert a[12] < a[1] - 0.2  # and it learned something
-    assert pretrain.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
+    assert harness.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
 
 
 def test_samples_of_different_prompts_differ():
@@ -195,8 +196,21 @@ def test_samples_of_different_prompts_differ():
         for name, p in model.named_parameters():
             if name.endswith("proj.weight"):
                 p.zero_()
-    a = pretrain.generate_text(model, "cpu", "def ", 12, seed=1337)
-    b = pretrain.generate_text(model, "cpu", "class ", 12, seed=1337)
+    a = harness.generate_text(model, "cpu", "def ", 12, seed=1337)
+    b = harness.generate_text(model, "cpu", "class ", 12, seed=1337)
     assert a.startswith("def ") and b.startswith("class ")
     assert a[len("def "):] != b[len("class "):]
-    assert a == pretrain.generate_text(model, "cpu", "def ", 12, seed=1337)  # and the same start, the same text
+    assert a == harness.generate_text(model, "cpu", "def ", 12, seed=1337)  # and the same start, the same text
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                         (False, False, None)])
+def test_cpu_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
+    """--dtype auto: bf16 matmuls on a CPU with avx512_bf16 or AMX, fp32 elsewhere (emulated
+    bf16 is slower); --dtype fp32 and bf16 say so whatever the CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    a = torch.randn(4, 8)
+    for dtype, want in (("auto", expected), ("fp32", None), ("bf16", torch.bfloat16)):
+        with harness.autocast_for("cpu", dtype):
+            assert (a @ a.T).dtype == (want or torch.float32), (dtype, want)
