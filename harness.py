@@ -79,10 +79,10 @@ def setup_distributed(device):
 
 
 def keep_freed_memory():
-    """CPU training, faster. glibc gives every freed block over 32 MB straight back to the
-    OS, so each step's (B, T, 50304) float32 logits and their gradient (400 MB each in the
-    cpu preset) come back as fresh pages the kernel must zero. Asking malloc to keep freed
-    memory for reuse avoids that. Linux with glibc only; elsewhere nothing changes."""
+    """CPU training, faster. glibc gives big freed blocks straight back to the OS, so each
+    step's big tensors (the loss's (rows, vocab) chunks, 26 MB each) come back as fresh pages
+    the kernel must zero. Keeping freed memory for reuse made the cpu step 1.2x faster
+    (bench/cpu.md). Linux with glibc only; elsewhere nothing changes."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -141,23 +141,6 @@ def claim_out_dir(out_dir, rank):
         lock.close()
         raise BadInput(f"another run is writing to {out_dir} right now; wait for it to end or use another --out_dir")
     return lock
-
-
-def check_memory(run, device):
-    """Refuse a step that cannot fit, by a rough upper bound of what one micro-step holds:
-    per layer the activations kept for backward plus, unless the fused kernel runs, the
-    (B, heads, T, T) attention weights; the loss holds only a chunk of logits at a time."""
-    B, T, C = run.batch_size, run.seq_len, run.n_embd
-    attention = 0 if device.startswith("cuda") else run.n_head * T * 3
-    need, free = 4 * B * T * run.n_layer * (20 * C + attention), None
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(device)[0]
-    elif os.path.exists("/proc/meminfo"):  # Linux: what can be had without swapping, page cache included
-        with open("/proc/meminfo") as f:
-            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
-    if free and need > free:
-        raise BadInput(f"one step needs about {need / 2**30:.0f} GB of memory and {free / 2**30:.0f} GB are free; "
-                       "lower --batch_size (and raise --grad_accum) or --seq_len")
 
 
 def peak_memory_gb(device):
@@ -476,31 +459,3 @@ def write_samples(model, out_dir, device, prompts, max_new_tokens, seed):
     with open(path, "w") as f:
         f.writelines(f"=== prompt {prompt!r}\n{text}\n\n" for prompt, text in zip(prompts, texts))
     print(f"samples written to {path}; the first one:\n{texts[0][:400]}")
-
-
-def sample(args, tokens, seed):
-    """python pretrain.py --sample --init out/meco/ckpt.pt --url docs.python.org/3/library/json
-    The document starts the way MeCo trained it, [EOT] "URL: <url>\n\n", then the prompt;
-    the URL may be real or made up. Without --url it is a plain continuation."""
-    if not args.init:
-        raise BadInput("--sample needs --init PATH/ckpt.pt, the checkpoint to generate from")
-    device = pick_device(args.device)
-    model = load_model(args.init, device)
-    start = (f"URL: {args.url}\n\n" if args.url else "") + args.prompt
-    print(generate_text(model, device, start, tokens, seed))
-
-
-def summarize(out_dir, baseline, seconds):
-    """The end of a run in four lines: time and tokens, the loss against the unigram
-    baseline in plain words, the files written, and the next command to try."""
-    last = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "val_loss" in r][-1]
-    verdict = ("below it: the model uses context" if last["val_loss"] < baseline - 0.05 else
-               "not yet below it: the model has not learned to use context; train longer (--max_steps) or tune --lr")
-    print(f"done in {seconds / 60:.1f} min: {last['step']} steps, {last['tokens']:,} tokens, peak memory "
-          f"{last.get('peak_memory_gb')} GB; validation loss {last['val_loss']:.3f}, unigram baseline "
-          f"{baseline:.3f}, {verdict}")
-    files = sorted(f for f in os.listdir(out_dir) if not f.startswith("."))
-    sizes = [os.path.getsize(os.path.join(out_dir, f)) for f in files]
-    print(f"files in {out_dir}: " + ", ".join(f"{f} ({n / 2**20:.1f} MB)" if n > 2**20 else f"{f} ({n // 1024 + 1} kB)"
-                                              for f, n in zip(files, sizes)))
-    print(f"next: python pretrain.py --sample --init {os.path.join(out_dir, 'ckpt.pt')} --prompt \"...\"")

@@ -261,6 +261,7 @@ def apply_rotary(x, cos, sin):
 
 ATTN_BACKENDS = ("auto", "sdpa", "reference", "cuda")  # "auto": "cuda" where it can run, else "sdpa"
 
+
 def attention(q, k, v, doc_ids=None, backend="auto"):
     """Causal attention within documents. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
     doc_ids: (B, T), non-decreasing along each row, or None for plain causal attention.
@@ -600,11 +601,9 @@ def _build_kernel(verbose):
 def _first_error_line(log):
     """The line of a compiler log that says what went wrong: nvcc and gcc write "error:",
     ptxas "ptxas error   :" and nvcc's driver "nvcc fatal   :". Else the first line."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for line in lines:
-        if re.search(r"(error|fatal)\s*:", line, re.IGNORECASE):
-            return line[:300]
-    return lines[0][:300] if lines else "no compiler output"
+    lines = [line.strip() for line in log.splitlines() if line.strip()] or ["no compiler output"]
+    errors = [line for line in lines if re.search(r"(error|fatal)\s*:", line, re.IGNORECASE)]
+    return (errors or lines)[0][:300]
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: said while tracing, no graph break

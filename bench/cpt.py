@@ -15,12 +15,12 @@ import os
 import numpy as np
 import torch
 
-from common import BENCH, ROOT, SEEDS, band, evals, hardware, save, spread, train, write
+from common import BENCH, OLD_CPU, RECIPE, ROOT, SEEDS, band, evals, hardware, save, spread, train, write
 import harness
 import pretrain
 from model import GPT, GPTConfig
 
-PEAK, STEPS = pretrain.PRESETS["cpu"]["lr"], 200  # pretraining: half the cpu preset, to fit the CPU budget
+PEAK, STEPS = OLD_CPU["lr"], 200  # pretraining: half the cpu preset, to fit the CPU budget
 # label: (the pretrained model to start from, cpt.py flags)
 ROWS = {
     "constant LR (no rewarm)": ("cosine", ["--schedule", "constant"]),
@@ -41,8 +41,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     seeds = SEEDS[:args.seeds]
-    base = {kind: train("pretrain.py", f"out/cpt/pretrain{STEPS}_{kind}", ["--preset", "cpu", "--device", "cpu",
-                                                                    "--schedule", kind, "--sample_tokens", 0], STEPS)
+    base = {kind: train("pretrain.py", f"out/cpt/pretrain{STEPS}_{kind}", [*RECIPE, "--schedule", kind,
+                                                                    "--sample_tokens", 0], STEPS)
             for kind in ("cosine", "wsd")}
     stable = pretrain.decay_start(STEPS, pretrain.DEFAULTS["decay_frac"])
     inits = {"cosine": f"{base['cosine']}/ckpt.pt", "wsd": f"{base['wsd']}/ckpt.pt", "wsd-stable": f"{base['wsd']}/ckpt_{stable}.pt"}

@@ -3,6 +3,7 @@ schedule learn most in the same wall-clock budget on this machine. Nothing else 
 
     python bench/cpu.py                  # -> bench/cpu.md, cpu.png (about an hour on 2 cores)
     python bench/cpu.py --budget 60      # a shorter sweep
+    python bench/cpu.py --profile        # where the step's time goes
 
 1. Speed. Matmul GFLOP/s in fp32 and bf16, and one training step of the cpu model as this
    repo computed it before (full fp32 logits) against the chunked loss, in fp32 and bf16,
@@ -92,12 +93,20 @@ def matmul_gflops(dtype, shape=(2048, 128, 50304), repeats=5):
 
 
 def speed(lines):
-    peak = {name: max(matmul_gflops(dtype, shape) for shape in ((2048, 128, 50304), (2048, 2048, 2048)))
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    runs = {v: [] for v in VARIANTS}
-    for _ in range(3):  # interleaved: a slow minute of the machine hits every variant alike
-        for v in VARIANTS:
-            runs[v].append(child(BASE, v))
+    path = os.path.join(ROOT, "out", "cpu_speed.json")  # measured once; delete it to measure again
+    if os.path.exists(path):
+        peak, runs = json.load(open(path))
+    else:
+        peak = {name: max(matmul_gflops(dtype, shape) for shape in ((2048, 128, 50304), (2048, 2048, 2048)))
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        runs = {v: [] for v in VARIANTS}
+        for _ in range(3):  # interleaved: a slow minute of the machine hits every variant alike
+            for v in VARIANTS:
+                runs[v].append(child(BASE, v))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump([peak, runs], f)
+    print(json.dumps([peak, runs]), flush=True)
     tokens = BASE["batch_size"] * BASE["seq_len"]
     before = statistics.median(r["s"] for r in runs["full fp32"])
     lines += ["## 1. Speed", "", f"Matmul peak (the best of the lm_head's forward shape and 2048^3): fp32 "
@@ -115,10 +124,18 @@ def speed(lines):
 
 
 def sweep(args, lines):
+    """max_steps that fill the budget: first from a timed calibration, then, where the first
+    run's own steps took over 10 % more or less time, from that run, which is run again; a
+    configuration that only changes the schedule takes the steps of the same model.
+    Kept in out/cpu_sweep/steps.json, so that a second invocation reuses the runs."""
     config_of = {name: {**BASE, **change} for name, change in SWEEP.items()}
-    steps = {}
-    for name, config in config_of.items():  # max_steps that fill the budget (eval time not counted)
-        steps[name] = max(20, int(args.budget / child(config, "chunked bf16")["s"]))
+    path = os.path.join(ROOT, "out", "cpu_sweep", "steps.json")
+    steps = json.load(open(path)) if os.path.exists(path) else {}
+    for name, config in config_of.items():
+        steps.setdefault(name, max(20, int(args.budget / child(config, "chunked bf16")["s"])))
+    def seconds_per_step(out_dir):  # the median step of a finished run, evaluations excluded
+        log = evals(out_dir, "seconds")
+        return statistics.median(b["seconds"] - a["seconds"] for a, b in zip(log, log[1:]))
     def run(name, seed, dtype="auto", n=None):
         config, n = config_of[name], n or steps[name]
         eval_batches = 64 // config["batch_size"] if config["seq_len"] == 256 else 8  # the same 64 rows of 256
@@ -126,8 +143,21 @@ def sweep(args, lines):
         return train("pretrain.py", folder, ["--preset", "cpu", "--device", "cpu", *flags(config), "--seed", seed,
                                              "--dtype", dtype, "--eval_interval", max(1, n // 4), "--eval_batches",
                                              eval_batches, "--log_interval", 1, "--sample_tokens", 0], n)
-    first = {name: run(name, SEEDS[0]) for name in SWEEP}
-    best = sorted(SWEEP, key=lambda name: evals(first[name])[-1]["val_loss"])[:3]
+    def shape(name):
+        return [config_of[name][k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size")]
+    first = {}
+    for name in SWEEP:
+        twin = next(other for other in SWEEP if shape(other) == shape(name))  # the same model: the same steps
+        steps[name] = steps[twin]
+        first[name] = run(name, SEEDS[0])
+        if name == twin and abs(steps[name] * seconds_per_step(first[name]) / args.budget - 1) > 0.1:
+            steps[name] = max(20, round(args.budget / seconds_per_step(first[name])))
+            first[name] = run(name, SEEDS[0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(steps, f, indent=1)
+    comparable = [name for name in SWEEP if config_of[name]["seq_len"] == 256]  # scored on the same rows
+    best = sorted(comparable, key=lambda name: evals(first[name])[-1]["val_loss"])[:3]
     seeds = {name: [first[name]] + [run(name, seed) for seed in SEEDS[1:]] for name in best}
     fp32 = [run(best[0], seed, "fp32") for seed in SEEDS]
     lines += ["", f"## 2. The sweep: {args.budget} s of training steps each", "",
@@ -163,10 +193,15 @@ def plot(first, best, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=120, help="seconds of training steps per sweep run")
+    parser.add_argument("--profile", action="store_true", help="where a chunked bf16 step's time goes, then exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return print(json.dumps(step_time(*json.loads(args.child))))
+    if args.profile:  # (the data's packing is in it too, once: a few % of the total)
+        with torch.profiler.profile() as prof:
+            step_time(BASE, "chunked bf16", steps=4)
+        return print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     lines = [f"# The cpu preset\n\nCommand: `python bench/cpu.py --budget {args.budget:g}`. Hardware: {hardware()}.\n"]
     speed(lines)
     sweep(args, lines)

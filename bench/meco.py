@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import BENCH, SEEDS, final, hardware, save, spread, train, write
+from common import BENCH, OLD_CPU, RECIPE, SEEDS, final, hardware, save, spread, train, write
 import data
 import harness
 import pretrain
@@ -40,7 +40,7 @@ def main():
     args = parser.parse_args()
     seeds = SEEDS[:args.seeds]
     runs = {label: [train("pretrain.py", f"out/meco/{folder}@{seed}",
-                          ["--preset", "cpu", "--device", "cpu", "--data", args.data, "--seed", seed, *flags,
+                          [*RECIPE, "--data", args.data, "--seed", seed, *flags,
                            "--eval_interval", args.steps // 2, "--eval_batches", 8], args.steps)
                     for seed in seeds] for label, (folder, flags, _) in ROWS.items()}
 
@@ -62,7 +62,7 @@ def main():
                      f"{spread([s[:4].sum() / c[:4].sum() for s, c in starts])} | {paper} |")
 
     # One seed, closer: loss by position before and after the cooldown, and steering.
-    seq_len = pretrain.PRESETS["cpu"]["seq_len"]
+    seq_len = OLD_CPU["seq_len"]
     rows = [[(int(d), 0, int(min(meco.lengths[d], seq_len)))] for d in val_docs]
     plain = data.without_prefixes(rows, meco)  # the same text, URLs left out
     base_dir, meco_dir = runs["baseline (no metadata)"][0], runs["MeCo: URLs, then 10 % cooldown"][0]

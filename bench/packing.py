@@ -16,10 +16,9 @@ import os
 import numpy as np
 import torch
 
-from common import BENCH, SEEDS, band, evals, final, hardware, save, spread, train, write
+from common import BENCH, OLD_CPU, RECIPE, SEEDS, band, evals, final, hardware, save, spread, train, write
 import data
 import harness
-import pretrain
 from model import document_causal_mask
 
 
@@ -45,18 +44,19 @@ def main():
     draw_packings(corpus, packed, stats, 1024, os.path.join(BENCH, "packing.png"))
 
     # Training: the same model, seeds and row tokens for every packing; pad-equal gets more steps.
-    seq_len = pretrain.PRESETS["cpu"]["seq_len"]
+    seq_len = OLD_CPU["seq_len"]
     real = {s: 1 - stats[seq_len, s]["padding_pct"] / 100 for s in data.PACKINGS}
     plans = {s: (s, args.steps) for s in data.PACKINGS}
     plans["pad, equal real tokens"] = ("pad", round(args.steps * real["bestfit"] / real["pad"]))
-    lines += ["", f"Training: `pretrain.py --preset cpu` for {args.steps} steps ({args.steps * 8 * seq_len:,} row "
+    lines += ["", "Training: `pretrain.py` with the cpu preset as it was (`bench/common.py:OLD_CPU`) for "
+              f"{args.steps} steps ({args.steps * 8 * seq_len:,} row "
               f"tokens) with each packing, seeds {', '.join(map(str, SEEDS[:args.seeds]))}; validation: the same "
               "held-out documents for every run, each scored alone. Mean ± sample standard deviation over seeds.\n",
               "| packing | steps | real tokens | final validation loss |", "| --- | --- | --- | --- |"]
     runs = {}
     for label, (strategy, steps) in plans.items():
         runs[label] = [train("pretrain.py", f"out/packing/{strategy}{'' if steps == args.steps else f'-{steps}'}@{seed}",
-                             ["--preset", "cpu", "--device", "cpu", "--data", "stdlib", "--packing", strategy,
+                             [*RECIPE, "--data", "stdlib", "--packing", strategy,
                               "--seed", seed, "--eval_interval", steps // 5, "--eval_batches", 16, "--sample_tokens", 0],
                              steps) for seed in SEEDS[:args.seeds]]
         lines.append(f"| {label} | {steps} | {round(steps * 8 * seq_len * real[strategy]):,} | "
