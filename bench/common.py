@@ -133,8 +133,8 @@ def save(fig, path, dpi=110):
 
 
 if __name__ == "__main__":  # mark the tables of files written before, README.md too
-    if sys.argv[1:2] != ["--mark"]:
-        sys.exit("usage: python bench/common.py --mark FILE.md ...")
+    if sys.argv[1:2] != ["--mark"]:  # --help too
+        sys.exit(print(__doc__) if sys.argv[1:2] in (["-h"], ["--help"]) else "usage: python bench/common.py --mark FILE.md ...")
     for path in sys.argv[2:]:
         with open(path) as f:
             text = mark(f.read())
