@@ -120,6 +120,10 @@ def speed(lines):
         lines.append(f"| {v}{' (before)' if v == 'full fp32' else ''} | {spread([1000 * r['s'] for r in rs])} | "
                      f"{tokens / s:,.0f} | {before / s:.2f}x | {100 * rs[0]['flops'] * tokens / s / 1e9 / peak['bf16']:.0f} % | "
                      f"{1000 * statistics.median(r['batch_s'] for r in rs):.1f} | {max(r['peak_gb'] for r in rs):.2f} |")
+    now = statistics.median(r["s"] for r in runs["chunked bf16"])
+    lines += ["", f"Targets: twice the tokens/s of before, reached {before / now:.2f}x; model FLOP/s at least 50 % of "
+              f"the bf16 peak, reached {100 * runs['chunked bf16'][0]['flops'] * tokens / now / 1e9 / peak['bf16']:.0f} %. "
+              "Where the step's time goes: `python bench/cpu.py --profile`."]
     return runs
 
 
