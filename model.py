@@ -113,10 +113,10 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # The loss, without the (B, T, vocab) logits
 
-# Rows per chunk. On a CPU 128 was about the fastest of 64..2048 (B*T = 2048, C = 128, fp32 and
-# bf16; 2 shared cores, rough), at a tenth of the full logits' peak memory. On a GPU each chunk
-# costs a dozen launches and a pass over dW (vocab x C, float32): from 2048 rows on it is as fast
-# as the full logits (H200, C = 128, 384, 768), at a fifth of the memory for GPT-2 small shapes.
+# Rows per chunk. On a CPU 128 gives the cpu step its smallest peak memory (0.8 GB, bench/cpu.md);
+# bigger chunks were up to ~10 % faster in a rough check by hand, at up to twice the memory. On a
+# GPU each chunk costs a dozen launches and a pass over dW (vocab x C, float32): from 2048 rows on
+# it was as fast as the full logits in a check by hand on an H200, at a fifth of their memory.
 LOSS_CHUNK_CPU = 128
 LOSS_CHUNK_GPU = 2048
 
@@ -150,8 +150,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         targets = targets.clamp(min=0)[:, None]  # (N, 1) an ignored row picks token 0; keep zeroes it
         w = weight.to(dtype)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device)
-        dw = torch.zeros(weight.shape, dtype=acc, device=h.device)
+        if want_grads:  # not in evaluation: there dw alone would be a (vocab, C) float32 buffer per batch
+            dh = torch.zeros(h.shape, dtype=acc, device=h.device)
+            dw = torch.zeros(weight.shape, dtype=acc, device=h.device)
         chunk = LOSS_CHUNK_CPU if h.device.type == "cpu" else LOSS_CHUNK_GPU
         for i in range(0, h.size(0), chunk):
             rows = slice(i, i + chunk)
@@ -164,7 +165,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dlogits = dlogits.to(dtype)
                 dh[rows] = dlogits @ w * keep[rows]  # ignored rows zeroed in (n, C), cheaper than in (n, V)
                 dw += dlogits.T @ (h_c * keep[rows].to(dtype))
-        ctx.save_for_backward((dh / count).to(h.dtype), (dw / count).to(weight.dtype))
+        if want_grads:
+            ctx.save_for_backward((dh / count).to(h.dtype), (dw / count).to(weight.dtype))
         return loss / count
 
     @staticmethod

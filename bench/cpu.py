@@ -140,8 +140,8 @@ def sweep(args, lines):
     def seconds_per_step(out_dir):  # the median step of a finished run, evaluations excluded
         log = evals(out_dir, "seconds")
         return statistics.median(b["seconds"] - a["seconds"] for a, b in zip(log, log[1:]))
-    def run(name, seed, dtype="auto", n=None):
-        config, n = config_of[name], n or steps[name]
+    def run(name, seed, dtype="auto"):
+        config, n = config_of[name], steps[name]
         eval_batches = 64 // config["batch_size"] if config["seq_len"] == 256 else 8  # the same 64 rows of 256
         folder = f"out/cpu_sweep/{name.replace(' ', '_')}-{dtype}@{seed}"
         return train("pretrain.py", folder, ["--preset", "cpu", "--device", "cpu", *flags(config), "--seed", seed,
