@@ -16,9 +16,14 @@ Two ideas run through the whole file:
   packed after others sees exactly what it would see alone.
 """
 
+import hashlib
+import importlib
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -552,17 +557,21 @@ def kernel_problem(q, k, v):
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, while tracing
 def load_kernel(verbose=False):
-    """Build (first time: a minute or two) or load (cached: a second) kernels.cu: the module,
-    or None after one line saying why and how to fix it. A failed build is not retried."""
+    """Build (first time: a minute or two) or load (cached: a second) kernels.cu, and check it
+    on this GPU once (self_check): the module, or None after one line saying why and how to
+    fix it. A failed build or check is not retried."""
     global _kernel, _kernel_error
     if _kernel is None and (_kernel_error is None or verbose):
         _kernel_error = _build_problem()
         if _kernel_error is None:
             try:
-                _kernel = _build_kernel(verbose)
+                module = _build_kernel(verbose)
             except Exception as e:  # compiler errors, a missing header, a bad toolchain...
                 _kernel_error = (f"kernels.cu failed to build: {_first_error_line(str(e))} "
                                  "(whole log: python -c 'import model; model.load_kernel(verbose=True)')")
+            else:
+                if (_kernel_error := self_check(module)) is None:
+                    _kernel = module
         if _kernel_error is not None:
             say_fallback_once(_kernel_error)
     return _kernel
@@ -587,6 +596,10 @@ def _build_problem():
     return None
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_SOURCE = os.path.join(HERE, "kernels.cu")
+
+
 def _build_kernel(verbose):
     """Compile for the visible GPU only, cached per architecture in ~/.cache/torch_extensions.
     The explicit -gencode makes cpp_extension ignore TORCH_CUDA_ARCH_LIST, on purpose:
@@ -594,10 +607,14 @@ def _build_kernel(verbose):
     --use_fast_math: it would change every division and sqrt; the softmax asks for ex2.approx."""
     from torch.utils import cpp_extension
     arch = "%d%d" % torch.cuda.get_device_capability()  # "86" for an RTX 3090
-    return cpp_extension.load(name=f"minipretrain_attention_sm{arch}",
-                              sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")],
-                              extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
-                              verbose=verbose)
+    name = f"minipretrain_attention_sm{arch}"
+    folder = cpp_extension._get_build_directory(name, verbose)  # private, but what load() asks too
+    built = os.path.join(folder, name + ".so")  # absent or older than kernels.cu: nvcc will run
+    if not os.path.exists(built) or os.path.getmtime(built) < os.path.getmtime(KERNEL_SOURCE):
+        print(f"attention: building kernels.cu for sm_{arch}, a minute or two, once; cached in {folder}",
+              flush=True)  # seen before the silent minutes, even when stdout goes to a file
+    return cpp_extension.load(name=name, sources=[KERNEL_SOURCE], build_directory=folder, verbose=verbose,
+                              extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"])
 
 
 def _first_error_line(log):
@@ -615,3 +632,110 @@ def say_fallback_once(reason):
     if message not in _said:
         _said.add(message)
         print(message)
+
+
+# -----------------------------------------------------------------------------
+# The self-check: on each new machine, kernels.cu proves itself before a run trusts it
+
+def kernel_error_allowed(sdpa_error):
+    """The rule of the self-check and of the cuda tests, FlashAttention's own: the kernel's error
+    against float64 attention may be at most twice SDPA's in the same precision, plus a floor."""
+    return 2 * sdpa_error + 1e-3
+
+
+def self_check(module, under_check="model:_kernel_under_check", timeout=120):
+    """None when the kernel computes attention right on this GPU, else one line naming the case
+    that failed and the log. It runs in a child process: an illegal memory access kills CUDA for
+    the whole process that made it. A pass is remembered beside the build, under a hash of all
+    that could change it; a failure is checked again next time, so a fix shows at once."""
+    index = torch.cuda.current_device()
+    key = _machine_key(index)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = os.path.join(os.path.dirname(module.__file__), f"selfcheck-{digest}")
+    if os.path.exists(name + ".passed"):
+        return None
+    print("attention: checking kernels.cu against float64 attention on this GPU (a few seconds, once)... ",
+          end="", flush=True)
+    error = _run_self_check(under_check, index, f"{name}-cuda{index}.log", timeout)
+    print("passed" if error is None else f"failed: {error}")
+    if error is None:
+        with open(name + ".passed", "w") as f:
+            f.write(key + "\n")
+    return error
+
+
+def _machine_key(index):
+    """All that could change the verdict, in words: the GPU, its driver, CUDA, torch, kernels.cu."""
+    gpu = torch.cuda.get_device_properties(index)
+    with open(KERNEL_SOURCE, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()[:16]
+    driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: "?")()  # the CUDA version it supports
+    if os.path.exists("/proc/driver/nvidia/version"):  # Linux: the driver's own version, more exact
+        with open("/proc/driver/nvidia/version") as f:
+            driver = f.readline().strip()
+    return (f"{gpu.name} sm_{gpu.major}{gpu.minor}; driver {driver}; CUDA {torch.version.cuda}; "
+            f"torch {torch.__version__}; kernels.cu sha256 {source}")
+
+
+def _run_self_check(under_check, index, log_path, timeout):
+    """_self_check_child in a child process that writes to log_path: None if it passed, else
+    what failed, in one line (the child names each case as it starts it)."""
+    command = [sys.executable, "-c", f"import model; model._self_check_child({under_check!r}, {index})"]
+    with open(log_path, "w") as log:
+        try:
+            status = subprocess.run(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            status = None
+    if status == 0:
+        return None
+    with open(log_path) as log:
+        lines = log.read().splitlines()
+    cases = [line.removeprefix("case: ") for line in lines if line.startswith("case: ")]
+    errors = [line.removeprefix("FAILED: ") for line in lines  # ours, or an exception's last line
+              if re.match(r"(FAILED|[\w.]+(Error|Exception)): ", line)]
+    why = (f"no answer within {timeout} s" if status is None else
+           f"the process died of {signal.Signals(-status).name}" if status < 0 else
+           errors[-1][:200] if errors else f"exit status {status}")
+    where = f"in case {cases[-1]}" if cases else "before its first case"
+    return f"kernels.cu failed its self-check on this GPU {where}: {why} (whole log: {log_path})"
+
+
+def _self_check_child(under_check, index):
+    """The cases, in the child. under_check names "module:function", function(q, k, v, doc_ids)
+    -> out: the kernel, or a stand-in in the tests. Forward and backward of each case against
+    float64 attention; exit status 1 at the first error out of bounds."""
+    module_name, function_name = under_check.split(":")
+    attend = getattr(importlib.import_module(module_name), function_name)
+    device = f"cuda:{index}" if torch.cuda.is_available() else "cpu"  # cpu: the tests' stand-ins
+    gen = torch.Generator().manual_seed(0)
+    B, H, T = 2, 2, 190  # T: two whole 64-row tiles and part of a third
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in KERNEL_HEAD_DIMS:
+            for docs in ("no documents", "documents"):
+                print(f"case: {str(dtype)[6:]}, head size {D}, T {T}, {docs}", flush=True)
+                q, k, v, do = (torch.randn(B, H, T, D, generator=gen).to(device, dtype) for _ in range(4))
+                cuts = torch.rand(B, T, generator=gen) < 0.03  # about 6 documents a row
+                doc_ids = cuts.cumsum(1).to(device, torch.int32) if docs == "documents" else None
+                exact = _out_and_grads(sdpa_attention, q.double(), k.double(), v.double(), doc_ids, do.double())
+                ours = _out_and_grads(attend, q, k, v, doc_ids, do)
+                sdpa = _out_and_grads(sdpa_attention, q, k, v, doc_ids, do)
+                for name, a, b, want in zip(("out", "dq", "dk", "dv"), ours, sdpa, exact):
+                    error = (a.double() - want).abs().max().item()
+                    allowed = kernel_error_allowed((b.double() - want).abs().max().item())
+                    print(f"  {name}: error {error:.1e}, allowed {allowed:.1e}", flush=True)
+                    if not error <= allowed:  # NaN fails too
+                        sys.exit(f"FAILED: {name} error {error:.1e}, allowed {allowed:.1e}")
+
+
+def _out_and_grads(attend, q, k, v, doc_ids, do):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v, doc_ids)
+    return [out, *torch.autograd.grad(out, (q, k, v), do)]
+
+
+def _kernel_under_check(q, k, v, doc_ids):
+    """What the self-check checks: the operator on kernels.cu, loaded here, in the child, unchecked."""
+    global _kernel
+    _kernel = _kernel or _build_kernel(False)
+    return flash_attention(q, k, v, doc_ids, False)[0]

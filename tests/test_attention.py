@@ -329,6 +329,8 @@ def fresh_loader(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(model, "self_check", lambda module: None)  # tests/test_selfcheck.py checks it
     builds = []
 
     def pretend_build(verbose):
@@ -507,7 +509,7 @@ def test_kernel_as_accurate_as_sdpa(dtype, D, T, docs):
     assert out.dtype == dtype and out.shape == q.shape
     ours, theirs = sdpa_error_and_ours(out, q, k, v, doc_ids, dout)
     for name, a, b in zip(["out", "dq", "dk", "dv"], ours, theirs):
-        assert a <= 2 * b + 1e-3, f"{name}: kernel error {a:.2e}, sdpa error {b:.2e}"
+        assert a <= model.kernel_error_allowed(b), f"{name}: kernel error {a:.2e}, sdpa error {b:.2e}"
 
 
 @pytest.mark.cuda
