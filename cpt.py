@@ -197,11 +197,13 @@ def lr_schedule(schedule, max_lr, min_lr, warmup, max_steps, constant_lr=None, c
       constant       no rewarming: stay at --min_lr, where pretraining left the model
       infinite       rewarm, cosine cooldown to --constant_lr, hold it, and anneal to
                      --min_lr over the last --anneal steps (warmup-stable-decay)"""
+    # exercise 9 begins: rewarming, the schedule
     if schedule == "constant":
         return lambda step: pretrain.learning_rate(step, min_lr, min_lr, 0, max_steps, kind="constant")
     kind = "cosine" if schedule == "rewarm-cosine" else "infinite"
     return lambda step: pretrain.learning_rate(step, max_lr, min_lr, warmup, max_steps, start_lr=min_lr, kind=kind,
                                                constant_lr=constant_lr, cooldown=cooldown, anneal=anneal)
+    # exercise 9 ends
 
 
 # -----------------------------------------------------------------------------
@@ -216,8 +218,10 @@ def sum_replayed(index, batch_size, replay):
     after N batches exactly floor(N·B·r) rows were replayed, never a whole row from N·B·r.
     It is a pure function of the index (r read as a fraction, so 0.05 is exactly 1/20),
     so a resumed run sees exactly the batches it would have seen."""
+    # exercise 8 begins: how many rows to replay
     r = Fraction(replay).limit_denominator(10_000)
     return (index * batch_size * r.numerator) // r.denominator
+    # exercise 8 ends
 
 
 def replay_count(index, batch_size, replay):

@@ -299,8 +299,10 @@ class Corpus:
         in_prefix = (position >= 1) & (position <= p)
         window[in_prefix] = prefix[position[in_prefix] - 1]
         targets = window[1:].copy()
+        # exercise 6 begins: no loss on the URL
         if not self.prefix_loss:
             targets[in_prefix[1:]] = -1
+        # exercise 6 ends
         return window[:-1], targets
 
 
@@ -501,6 +503,7 @@ def pack_best_fit(pieces, seq_len):
     list is not empty. The best fit for a piece of n tokens is then the lowest set bit of
     has_room at or above n, which Python finds in a few machine-word operations
     ((x & -x) isolates the lowest set bit). A million documents pack in seconds."""
+    # exercise 4 begins: best-fit decreasing
     pieces = sorted(pieces, key=lambda p: p[1] - p[2])  # longest first (stable: ties keep doc order)
     rows = []
     rows_with_room = [[] for _ in range(seq_len + 1)]
@@ -522,6 +525,7 @@ def pack_best_fit(pieces, seq_len):
             rows_with_room[room].append(i)
             has_room |= 1 << room
     return rows
+    # exercise 4 ends
 
 
 def pack_split(corpus, docs, seq_len, strategy):
@@ -625,7 +629,9 @@ def rows_to_batch(corpus, rows, T, docmask=True):
             n = stop - start
             x[b, t:t + n], y[b, t:t + n] = corpus.segment(d, start, stop)
             doc_ids[b, t:t + n] = segment
+            # exercise 5 begins: positions that restart per document
             pos_ids[b, t:t + n] = np.arange(n)
+            # exercise 5 ends
             t += n
         doc_ids[b, t:] = len(row)  # padding: its own document, attended by nobody real
     batch = {"x": x, "y": y, "doc_ids": doc_ids, "pos_ids": pos_ids}

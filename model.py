@@ -426,6 +426,7 @@ def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
                 S = (Q @ K.mT) * scale_log2  # (H, BM, BN) scores, in base-2 units
                 if not tile_fully_visible(docs, m0, n0, block_m, block_n):
                     S = S.masked_fill(~visible(docs, m0, m1, n0, n1), -math.inf)
+                # exercise 1 begins: the online softmax
                 m_new = torch.maximum(m, S.amax(-1))  # (H, BM)
                 # A row that has seen only masked keys has m_new = -inf, and -inf - -inf is nan.
                 # Subtracting 0 instead gives 2^-inf = 0: nothing is added, nothing breaks.
@@ -435,6 +436,7 @@ def flash_forward(q, k, v, doc_ids, block_m=BLOCK_M, block_n=BLOCK_N):
                 l = alpha * l + P.sum(-1)
                 acc = alpha[..., None] * acc + P @ V  # kernel: P is rounded to bf16/fp16 here
                 m = m_new
+                # exercise 1 ends
             # Every real row sees at least itself, so l > 0 here.
             o[b, :, m0:m1] = (acc / l[..., None]).to(q.dtype)
             lse[b, :, m0:m1] = m + torch.log2(l)
@@ -454,7 +456,9 @@ def flash_backward(do, q, k, v, o, lse, doc_ids, block_m=BLOCK_M, block_n=BLOCK_
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(D)
     scale_log2 = scale * LOG2E
+    # exercise 2 begins: the preprocess, delta
     delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1)  # (B, H, T) the preprocess: D = rowsum(dO * O)
+    # exercise 2 ends
     dq = torch.zeros(B, H, T, D, dtype=acc_dtype, device=q.device)  # kernel: dq_accum, fp32
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     for b in range(B):
@@ -476,7 +480,9 @@ def flash_backward(do, q, k, v, o, lse, doc_ids, block_m=BLOCK_M, block_n=BLOCK_
                 P = torch.exp2(S - lse[b, :, m0:m1, None])  # (H, BM, BN) the forward's softmax
                 dV += P.mT @ dO  # (H, BN, D)
                 dP = dO @ V.mT  # (H, BM, BN)
+                # exercise 2 begins: the softmax backward, dS
                 dS = P * (dP - delta[b, :, m0:m1, None])  # (H, BM, BN) softmax backward
+                # exercise 2 ends
                 dK += dS.mT @ Q  # (H, BN, D)
                 dq[b, :, m0:m1] += (dS @ K) * scale  # kernel: atomicAdd into dq_accum
             dk[b, :, n0:n1] = (dK * scale).to(k.dtype)
@@ -500,9 +506,11 @@ def doc_end(docs, t):
 def key_tile_range(docs, m0, block_m, block_n):
     """Key tiles [n_start, n_end) that the query tile starting at m0 must visit: from the
     tile holding the start of its first query's document, up to the diagonal."""
+    # exercise 3 begins: tile skipping for documents
     n_start = doc_start(docs, m0) // block_n * block_n
     n_end = min(m0 + block_m, docs.numel())
     return n_start, n_end
+    # exercise 3 ends
 
 
 def query_tile_range(docs, n0, block_m, block_n):

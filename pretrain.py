@@ -283,7 +283,9 @@ def uses_metadata(step, max_steps, meta_cooldown):
     a cooldown on plain documents, so the model also works without metadata. Notice that
     the LR schedule and the optimizer simply continue, and that the phase is a pure
     function of the step, so a resumed run switches at the same step."""
+    # exercise 7 begins: the MeCo cooldown
     return step < cooldown_start(max_steps, meta_cooldown)
+    # exercise 7 ends
 
 
 def cooldown_start(max_steps, meta_cooldown):
@@ -348,8 +350,10 @@ def learning_rate(step, max_lr, min_lr, warmup, total, start_lr=0.0, kind="cosin
                 cooldown it is warmup-stable-decay. Notice that only the short anneal needs
                 to know when training ends: the constant phase can go on while new data
                 keeps coming, and training resumes from it without rewarming."""
+    # exercise 9 begins: rewarming, the warmup
     if step < warmup:
         return start_lr + (max_lr - start_lr) * (step + 1) / warmup
+    # exercise 9 ends
     if kind == "constant":
         return max_lr
     if step >= total:

@@ -1,7 +1,7 @@
 """The grading tests of the "implement" exercises in tests/exercises.md: one test per
 exercise, each small (under 2 s on a busy 2-core CPU, most of them far less) and each
-calling only its own function, so that when you blank a function exactly one test here
-fails.
+calling only its own function, so that when you blank an exercise (its code between
+`# exercise N begins` and `# exercise N ends`) exactly one test here fails.
 
     pytest tests/test_graded.py                      # all of them
     pytest tests/test_graded.py::test_flash_forward  # one exercise
@@ -142,20 +142,24 @@ def naive_best_fit_decreasing(sizes, seq_len):
 
 def test_pack_best_fit():
     """data.pack_best_fit: every piece exactly once, no row longer than seq_len, and rows
-    filled as best-fit decreasing fills them."""
-    # By hand: rows of 7 and documents of 1, 3, 5, 3 tokens. Longest first: 5 opens a row
+    filled as best-fit decreasing fills them. Pieces start where they start in real packing:
+    the later pieces of a split document start after 0, so a piece's size is stop - start,
+    and sorting by stop is not sorting by size."""
+    # By hand: rows of 7 and pieces of 1, 3, 5, 3 tokens. Longest first: 5 opens a row
     # (room 2), 3 opens one (room 4), 3 joins it (room 1). The last piece, 1 token, fits
     # both rows; best fit takes the one with least room, which it fills exactly. (First
-    # fit would take the first row: rows of 6 and 6 instead of 5 and 7.)
-    pieces = [(0, 0, 1), (1, 0, 3), (2, 0, 5), (3, 0, 3)]
+    # fit would take the first row: rows of 6 and 6 instead of 5 and 7; so would the order
+    # of the stops, 19, 10, 8, 3.)
+    pieces = [(0, 7, 8), (1, 0, 3), (2, 14, 19), (3, 7, 10)]
     rows = data.pack_best_fit(pieces, 7)
-    assert sorted(sorted(row) for row in rows) == [[(0, 0, 1), (1, 0, 3), (3, 0, 3)], [(2, 0, 5)]]
+    assert sorted(sorted(row) for row in rows) == [[(0, 7, 8), (1, 0, 3), (3, 7, 10)], [(2, 14, 19)]]
 
     rng = np.random.default_rng(0)
     for _ in range(5):
         seq_len = int(rng.integers(8, 64))
         sizes = rng.integers(1, seq_len + 1, size=200)
-        pieces = [(d, 0, int(n)) for d, n in enumerate(sizes)]
+        starts = rng.integers(0, 4, size=200) * seq_len  # piece k of a document starts at k * seq_len
+        pieces = [(d, int(s), int(s + n)) for d, (s, n) in enumerate(zip(starts, sizes))]
         rows = data.pack_best_fit(pieces, seq_len)
         assert sorted(p for row in rows for p in row) == pieces  # each piece once, none cut
         fills = sorted(sum(stop - start for _, start, stop in row) for row in rows)
@@ -229,6 +233,9 @@ def test_meco_cooldown():
     then none, switching at one exact step (a pure function of the step)."""
     assert [pretrain.uses_metadata(s, 100, 0.1) for s in range(100)] == [True] * 90 + [False] * 10
     assert [pretrain.uses_metadata(s, 10, 0.3) for s in range(10)] == [True] * 7 + [False] * 3
+    # Where (1 - meta_cooldown) * max_steps is not whole, the nearest step: 6.7 -> 7, 2.1 -> 2.
+    assert [pretrain.uses_metadata(s, 10, 0.33) for s in range(10)] == [True] * 7 + [False] * 3
+    assert [pretrain.uses_metadata(s, 3, 0.3) for s in range(3)] == [True] * 2 + [False]
     assert all(pretrain.uses_metadata(s, 50, 0.0) for s in range(50))  # no cooldown: URLs throughout
     assert not any(pretrain.uses_metadata(s, 50, 1.0) for s in range(50))  # all cooldown: never
 
@@ -240,6 +247,7 @@ def test_replay_count():
     """cpt.sum_replayed, through replay_count: batch i gets floor(B r) or ceil(B r) old rows, and after any
     number of batches the total is within one row of the exact share."""
     assert [cpt.replay_count(i, 8, 0.05) for i in range(10)] == [0, 0, 1, 0, 1] * 2
+    assert [cpt.replay_count(i, 100, 0.29) for i in range(3)] == [29] * 3  # in floats, 100 * 0.29 = 28.999999999999996
     for batch_size in (1, 8, 12):
         for replay in (0.0, 0.05, 0.25, 1 / 3, 0.9):
             total = 0
