@@ -5,8 +5,6 @@ torch.compile of the whole GPT), the screen and the kernel loader's messages. On
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -788,11 +786,3 @@ def test_kernel_packed_document_equals_document_alone():
         torch.testing.assert_close(got[:, :, 130:300], want, rtol=2e-2, atol=2e-2)
         assert (got[:, :, :130] == 0).all() and (got[:, :, 300:] == 0).all()
 
-
-@pytest.mark.cuda
-def test_kernel_build_is_cached():
-    """After the first build, loading the kernel in a fresh process takes < 2 s."""
-    model.load_kernel()
-    code = "import time, model; t = time.time(); assert model.load_kernel(); print(time.time() - t)"
-    seconds = float(subprocess.check_output([sys.executable, "-c", code], cwd=model.__file__.rsplit("/", 1)[0]))
-    assert seconds < 2.0, seconds
