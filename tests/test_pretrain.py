@@ -81,6 +81,28 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     assert a[20] != a[19]
 
 
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+    """--dtype fp16 (auto's choice on GPUs before sm_80) trains with a gradient scaler; its
+    state, the scale and the steps since it last grew, is in the checkpoint, so a resumed run
+    continues exactly. fp16 matmuls are slow on this CPU: 6 steps."""
+    args = lambda out, *extra: tiny_args(out, 6, "--dtype", "fp16", "--eval_interval", "3", *extra)  # noqa: E731
+    pretrain.main(args(tmp_path / "straight"))
+    real_get_batch = data.get_batch
+    def dies_at_step_5(corpus, rows, seq_len, index, *args, **kw):
+        if index == 4:
+            raise RuntimeError("power cut")
+        return real_get_batch(corpus, rows, seq_len, index, *args, **kw)
+    monkeypatch.setattr(data, "get_batch", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pretrain.main(args(tmp_path / "crashed"))
+    monkeypatch.undo()
+    pretrain.main(args(tmp_path / "crashed", "--resume"))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    scalers = [harness.load_checkpoint(tmp_path / run / "ckpt.pt")["scaler"] for run in ("straight", "crashed")]
+    assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 6, scalers  # 6 steps without an overflow
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     real = pretrain.learning_rate
     monkeypatch.setattr(pretrain, "learning_rate",
