@@ -761,6 +761,20 @@ def test_kernel_grid_takes_more_than_65535_batch_heads():
 
 
 @pytest.mark.cuda
+def test_kernel_takes_a_dense_slice_that_starts_off_a_16_byte_boundary():
+    """cp.async reads 16 bytes at a time; a dense view 2 bytes into a bigger tensor is
+    copied by the operator (dense_aligned), under "auto" and "cuda" alike, never refused."""
+    gen = torch.Generator().manual_seed(23)
+    n = 2 * 2 * 100 * 64
+    storage = torch.randn(1 + 3 * n, generator=gen).to("cuda", torch.bfloat16)
+    q, k, v = (storage[1 + i * n:1 + (i + 1) * n].view(2, 2, 100, 64) for i in range(3))
+    assert q.is_contiguous() and q.data_ptr() % 16 == 2
+    doc_ids = random_doc_ids(2, 100, 30, gen, "cuda")
+    want = attention(q.clone(), k.clone(), v.clone(), doc_ids, backend="cuda")
+    assert torch.equal(attention(q, k, v, doc_ids), want) and torch.equal(attention(q, k, v, doc_ids, backend="cuda"), want)
+
+
+@pytest.mark.cuda
 def test_kernel_makes_unsorted_doc_ids_nan_never_plausible():
     """The tile ranges binary-search the ids, so kernels.cu checks that they are sorted
     and writes NaN where they are not (a row of the batch whose ids are sorted is fine)."""

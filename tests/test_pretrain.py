@@ -208,6 +208,18 @@ def test_training_on_the_mirror_matches_sdpa(tmp_path, monkeypatch):
     assert harness.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", ["--no-compile", "--compile"])
+def test_training_with_flex_on_a_gpu_matches_sdpa(tmp_path, compile):
+    """A few steps with FlexAttention on a GPU, on its own and compiled into the model: the
+    losses of sdpa, to bf16 rounding, and it learns."""
+    for backend in ("sdpa", "flex"):
+        pretrain.main(tiny_args(tmp_path / backend, 12, "--device", "cuda", "--attn_backend", backend, compile))
+    a, b = losses(tmp_path / "sdpa"), losses(tmp_path / "flex")
+    assert sorted(b) == list(range(1, 13)) and all(abs(a[s] - b[s]) < 0.05 for s in a), (a, b)
+    assert b[12] < b[1] - 0.2
+
+
 def test_samples_of_different_prompts_differ():
     """Each start gets its own random draws. A model that looks only at the last token (its
     blocks write nothing) sees the same thing after "def " and "class " (both end in " "),
