@@ -305,11 +305,9 @@ def auto_backend(q, k, v):
     if problem is None:
         return "cuda"
     fallback = gpu_fallback(q.size(-1))
-    if fallback == "flex":
-        say_once(f"attention: 'auto' uses flex for batches with documents and sdpa for the others, "
-                 f"not kernels.cu: {problem}")
-    else:
-        say_once(f"attention: 'auto' uses sdpa, not kernels.cu: {problem}; nor flex: {flex_problem(q.size(-1))}")
+    uses = "flex for batches with documents and sdpa for the others" if fallback == "flex" else "sdpa"
+    nor = f"; nor flex: {flex_problem(q.size(-1))}" if fallback == "sdpa" else ""
+    say_once(f"attention: 'auto' uses {uses}, not kernels.cu: {problem}{nor}")
     return fallback
 
 
@@ -358,21 +356,30 @@ def sdpa_attention(q, k, v, doc_ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
 
 
+_last_block_mask = (None, None, None)  # (doc_ids, (version, T, device), its BlockMask): the last forward's
+
+
 def flex_document_attention(q, k, v, doc_ids):
     """FlexAttention (Dong et al. 2024, "Flex Attention: A Programming Model for Generating
     Optimized Attention Kernels"): the mask is a Python function of (batch, head, query,
     key), which torch.compile fuses into a Triton kernel; no toolkit, no (T, T) matrix.
     Notice the block mask: for each 128 x 128 tile, empty (skipped), full (no mask
     evaluated) or partial, the three cases kernels.cu tells apart with key_tile_range and
-    tile_fully_visible. Built once per forward, shared by the layers (block_mask_for)."""
+    tile_fully_visible. Built once per forward, not per layer: every layer gets the same
+    doc_ids tensor. Its cost per step, measured on a CPU: README, technique 2."""
+    global _last_block_mask
     dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
     # One dtype, as in sdpa, and dense: compiled into a GPT on a CPU, torch 2.13's FlexAttention
     # read the strided v (a view of the qkv matmul) wrongly (tests/test_attention.py).
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-    block_mask = block_mask_for(doc_ids, q.size(2), q.device)
-    if torch.compiler.is_compiling() or not q.is_cuda:  # traced into the model's graph; CPU: a test's forward
-        return flex_attention(q, k, v, block_mask=block_mask)
-    return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    T = q.size(2)
+    if torch.compiler.is_compiling():  # traced into the model's graph, the block mask too
+        return flex_attention(q, k, v, block_mask=document_block_mask(doc_ids, T, q.device))
+    key = (doc_ids is None or doc_ids._version, T, q.device)
+    if _last_block_mask[0] is not doc_ids or _last_block_mask[1] != key:
+        _last_block_mask = (doc_ids, key, document_block_mask(doc_ids, T, q.device))
+    flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: a test's forward, uncompiled
+    return flex(q, k, v, block_mask=_last_block_mask[2])
 
 
 def document_block_mask(doc_ids, T, device):
@@ -385,22 +392,6 @@ def document_block_mask(doc_ids, T, device):
     def causal_same_document(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
     return create_block_mask(causal_same_document, doc_ids.size(0), None, T, T, device=device)
-
-
-_last_block_mask = (None, None, None)  # (doc_ids, (version, T, device), BlockMask) of the last forward
-
-
-def block_mask_for(doc_ids, T, device):
-    """document_block_mask, built once per forward, not once per layer: every layer gets the
-    same doc_ids tensor (traced by torch.compile: part of the compiled graph). Its cost per
-    step, measured on a CPU: README, technique 2."""
-    global _last_block_mask
-    if torch.compiler.is_compiling():
-        return document_block_mask(doc_ids, T, device)
-    key = (doc_ids is None or doc_ids._version, T, device)
-    if _last_block_mask[0] is not doc_ids or _last_block_mask[1] != key:
-        _last_block_mask = (doc_ids, key, document_block_mask(doc_ids, T, device))
-    return _last_block_mask[2]
 
 
 @functools.cache

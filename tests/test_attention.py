@@ -501,6 +501,21 @@ def test_flex_block_mask_visits_exactly_the_tiles_with_something_visible(T, docs
     assert torch.equal(mask.full_kv_num_blocks, tiles.all(5).all(3).sum(-1).int())
 
 
+def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch):
+    builds, real = [], model.document_block_mask
+    monkeypatch.setattr(model, "document_block_mask", lambda *a: builds.append(a) or real(*a))
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        for seed in (0, 1):  # two batches, three layers each
+            doc_ids = random_doc_ids(2, 32, 8, torch.Generator().manual_seed(seed))
+            gpt.attn_backend = "flex"
+            logits, _ = gpt(idx, doc_ids=doc_ids)
+            gpt.attn_backend = "sdpa"
+            torch.testing.assert_close(logits, gpt(idx, doc_ids=doc_ids)[0], rtol=1e-5, atol=1e-5)
+    assert len(builds) == 2
+
+
 def test_flex_is_compiled_once_per_shape_not_per_batch(monkeypatch):
     """The compiled FlexAttention a GPU runs (here compiled for the CPU, forward only): a new
     batch's documents are a new block mask for the same compiled code, not a new compile."""
@@ -530,9 +545,10 @@ def test_flex_compiled_into_a_layer_matches_sdpa():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T, docs", [(1, "none"), (65, "mean20"), (333, "mean50"), (1000, "none"), (2048, "mean700")])
-def test_flex_as_accurate_as_sdpa(dtype, T, docs):
+def test_flex_as_accurate_as_sdpa(dtype, T, docs, monkeypatch):
     """The compiled FlexAttention on a GPU, forward and backward, against float64: at most a
     small multiple of SDPA's error in the same precision, as the kernel is held to."""
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 64)  # one compile per case, never eager
     gen = torch.Generator().manual_seed(T + 5)
     q, k, v = random_qkv(2, 3, T, 64, dtype, gen, "cuda")
     doc_ids = make_doc_ids(docs, 2, T, gen, "cuda")
