@@ -14,6 +14,8 @@ import model
 import pretrain
 from model import BadInput
 
+IS_AVAILABLE = torch.cuda.is_available
+
 # name: (capability, nvcc) for an NVIDIA GPU, or "mps" / "cpu"; then what it gets: the
 # backend for a batch with documents and for one without, the dtype, compile, and the
 # lines printed (regular expressions, in order).
@@ -144,3 +146,15 @@ def test_a_misaligned_input_is_copied_for_the_kernel(machine):
     assert aligned.data_ptr() % 16 == 0 and torch.equal(aligned, q)
     assert model.dense_aligned(aligned) is aligned  # no copy when none is needed
     assert model.auto_backend(q, q, q) == "cuda"  # so auto keeps the kernel for it
+
+
+@pytest.mark.parametrize("machine", ["sm_75 (T4)"], indirect=True)
+def test_the_choice_and_its_line_trace_under_compile(machine, monkeypatch, capsys):
+    """On a GPU the model is compiled with attention() in its graph: choosing flex, and the
+    line, happen once while tracing, with no graph break (fullgraph would raise)."""
+    monkeypatch.setattr(torch.cuda, "is_available", IS_AVAILABLE)  # torch.compile asks too: the truth
+    choose = torch.compile(lambda q: q * (2 if model.auto_backend(q, q, q) == "flex" else 3), fullgraph=True,
+                           backend="eager")
+    q = torch.ones(1, 2, 16, 64, dtype=torch.float16)
+    assert torch.equal(choose(q), q * 2) and torch.equal(choose(q), q * 2)
+    assert len(capsys.readouterr().out.splitlines()) == 1
