@@ -294,8 +294,8 @@ SHARED_FLAGS = [
     ("seed", number(int, lambda v: 0 <= v < 2**32, "in [0, 2^32)"), "seeds the model's init and the data order"),
     ("sample_tokens", AT_LEAST_0, "tokens per sample at the end of training (0: none)"),
     ("compile", argparse.BooleanOptionalAction, "torch.compile the model"),
-    ("dtype", ("auto", "fp32", "bf16", "fp16"), "matmuls in bf16 or fp16 (autocast) or fp32; auto: what the hardware has"),
-    ("attn_backend", ATTN_BACKENDS, "attention: sdpa, reference (the kernel's PyTorch mirror), cuda (kernels.cu) or flex"),
+    ("dtype", ("auto", "fp32", "bf16", "fp16"), "matmuls in bf16 or fp16 (autocast) or fp32; auto: the hardware's"),
+    ("attn_backend", ATTN_BACKENDS, "attention: sdpa, flex (FlexAttention), cuda (kernels.cu) or reference (its mirror)"),
     ("quiet", "store_true", "no progress bars"),
 ]
 

@@ -289,7 +289,8 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
     if backend not in ATTN_BACKENDS:
         raise BadInput(f"unknown attention backend '{backend}'; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "cuda" and q.is_cuda and (problem := kernel_problem(q, k, v)) is not None:
-        raise BadInput(f"attention backend 'cuda' cannot run: {problem}; or use 'auto', which runs {gpu_fallback(q.size(-1))} here")
+        raise BadInput(f"attention backend 'cuda' cannot run: {problem}; "
+                       f"or use 'auto', which runs {gpu_fallback(q.size(-1))} here")
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T), as the kernel reads them
     # kernels.cu wants dense (B, nh, T, hs): copies made here, outside the operator, can be
@@ -332,7 +333,8 @@ def triton_problem():
     this CUDA GPU, or None."""
     major, minor = torch.cuda.get_device_capability()
     if major < 7:
-        return f"the GPU is sm_{major}{minor} and Triton, which torch.compile generates GPU code with, needs sm_70 or newer"
+        return (f"the GPU is sm_{major}{minor} and Triton, which torch.compile generates GPU code with, "
+                "needs sm_70 or newer")
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (PyTorch's CUDA wheels for Linux bring it; pip install triton)"
     return None

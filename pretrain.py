@@ -237,9 +237,8 @@ def evaluate_and_checkpoint(model, optimizer, eval_sets, loop, step, tokens, lr,
     harness.append_log(os.path.join(loop.out_dir, "log.jsonl"), {
         "step": step, "tokens": tokens, "lr": lr, "val_loss": next(iter(losses.values())),
         **{f"val_loss_{name}": value for name, value in losses.items()}, "peak_memory_gb": harness.peak_memory_gb(loop.device)})
-    harness.save_checkpoint(os.path.join(loop.out_dir, "ckpt.pt"), model, optimizer, step, record, loop.scaler)
-    if step in loop.keep:
-        harness.save_checkpoint(os.path.join(loop.out_dir, f"ckpt_{step}.pt"), model, optimizer, step, record, loop.scaler)
+    for name in ("ckpt.pt",) + ((f"ckpt_{step}.pt",) if step in loop.keep else ()):
+        harness.save_checkpoint(os.path.join(loop.out_dir, name), model, optimizer, step, record, loop.scaler)
 
 
 @torch.no_grad()
