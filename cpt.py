@@ -85,8 +85,9 @@ def run(args):
             optimizer.load_state_dict(init["optimizer"])
         except (KeyError, ValueError) as e:
             raise BadInput(f"--keep_optimizer: {run.init} has no usable optimizer state ({e}); drop --keep_optimizer")
+    loop = pretrain.Loop.of(run, device, rank, world)
     if resumed:
-        start_step = harness.restore(resumed, model, optimizer, new, world)
+        start_step = harness.restore(resumed, model, optimizer, new, world, loop.scaler)
         init_eval = resumed["init_eval"]
     else:  # step 0 = the pretrained model, where every curve starts
         start_step = 0
@@ -106,7 +107,6 @@ def run(args):
 
     record = {"args": {**vars(run), "world": world}, "data": new.info, "old_data": old.info if old is not None else None,
               "init": {"path": run.init, "step": init["step"], "data": init["data"]["source"]}, "init_eval": init_eval}
-    loop = pretrain.Loop.of(run, device, rank, world)
     pretrain.fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
     if rank == 0:
         harness.plot_losses(run.out_dir)
@@ -150,6 +150,7 @@ def settings(args, device):
     if run.schedule == "infinite" and run.constant_lr <= 0:
         raise BadInput("--schedule infinite needs a positive --constant_lr (sqrt(max_lr * min_lr) is 0 when "
                        "--min_lr is 0); pass --constant_lr")
+    harness.check_attention_backend(run.attn_backend, device, run.dtype, model.config.n_embd // model.config.n_head)
     return run, init, model, resumed
 
 

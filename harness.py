@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import ATTN_BACKENDS, GPT, GPTConfig, BadInput
+from model import (ATTN_BACKENDS, GPT, GPTConfig, BadInput, flex_problem, gpu_fallback, kernel_problem,
+                   triton_problem)
 
 
 class Interrupted(Exception):
@@ -93,17 +94,57 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and never trim the heap back
 
 
-def autocast_for(device, dtype="auto"):
-    """--dtype auto: bf16 matmuls where the hardware computes bf16 itself, a GPU's tensor
-    cores or a CPU with avx512_bf16 or AMX (2.5-4.6x faster matmuls than fp32 on this repo's
-    EPYC); elsewhere fp32, since emulated bf16 is slower, not faster. The weights, the norms,
-    the softmax and the loss stay fp32 either way."""
+def autocast_dtype(device, dtype="auto"):
+    """--dtype -> what autocast runs the matmuls in (None: fp32). auto: what the hardware
+    computes itself. bf16 on a GPU from sm_80 and on a CPU with avx512_bf16 or AMX (2.5-4.6x
+    faster matmuls than fp32 on this repo's EPYC); fp16 on sm_70 to sm_75, whose tensor cores
+    have no bf16 (torch.cuda.is_bf16_supported() says yes there: it counts emulation); fp32
+    elsewhere, since emulated is slower, not faster. Weights, norms, softmax and loss stay fp32."""
     kind = device.split(":")[0]
-    if dtype == "auto":
-        native = (torch.cuda.is_bf16_supported() if kind == "cuda" else kind == "cpu" and
-                  (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    if dtype == "auto" and kind == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        dtype = "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+    elif dtype == "auto":
+        native = kind == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         dtype = "bf16" if native else "fp32"
-    return torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+
+
+def autocast_for(device, dtype="auto"):
+    amp = autocast_dtype(device, dtype)
+    return torch.autocast(device.split(":")[0], dtype=amp) if amp else contextlib.nullcontext()
+
+
+def grad_scaler(device, dtype="auto"):
+    """Small fp16 gradients round to 0: the scaler multiplies the loss (so every gradient) by a
+    large factor (2^16 to start) before backward, divides it out before the update, and skips
+    a step whose gradients overflowed, halving the factor. Disabled for bf16 and fp32: every
+    call then passes straight through."""
+    kind = device.split(":")[0]
+    return torch.amp.GradScaler(kind, enabled=autocast_dtype(device, dtype) == torch.float16)
+
+
+def compile_here(wanted, device, rank=0):
+    """--compile, unless this GPU cannot run torch.compile's code (Triton): then off, with one line."""
+    why = triton_problem() if wanted and device.startswith("cuda") else None
+    if why:
+        say(rank, f"torch.compile off: {why}")
+    return wanted and not why
+
+
+def check_attention_backend(backend, device, dtype, head_size):
+    """--attn_backend cuda or flex where it cannot run: one line with the reason and the fix,
+    before the run starts, not a crash in step 0. On a CPU or a Mac, cuda would run the mirror,
+    a Python loop over tiles, far slower than sdpa: refused, so that nobody waits for it by mistake."""
+    if backend in ("cuda", "flex") and not device.startswith("cuda"):
+        what = "kernels.cu" if backend == "cuda" else "FlexAttention (no backward on a CPU or a Mac)"
+        raise BadInput(f"--attn_backend {backend} runs {what}, which needs a CUDA GPU; this run is on {device}: "
+                       "use --attn_backend auto (sdpa here) or reference (kernels.cu's algorithm in PyTorch, slow)")
+    q = torch.empty(1, 1, 1, head_size, dtype=autocast_dtype(device, dtype) or torch.float32, device="meta")
+    problem = kernel_problem(q, q, q) if backend == "cuda" else flex_problem(head_size) if backend == "flex" else None
+    if problem:
+        raise BadInput(f"--attn_backend {backend} cannot run here: {problem}; or use --attn_backend auto, which "
+                       f"runs {gpu_fallback(head_size)} here")
 
 
 def load_corpus_once(source, rank, world, quiet=False):
@@ -253,8 +294,8 @@ SHARED_FLAGS = [
     ("seed", number(int, lambda v: 0 <= v < 2**32, "in [0, 2^32)"), "seeds the model's init and the data order"),
     ("sample_tokens", AT_LEAST_0, "tokens per sample at the end of training (0: none)"),
     ("compile", argparse.BooleanOptionalAction, "torch.compile the model"),
-    ("dtype", ("auto", "fp32", "bf16"), "matmuls in bf16 (autocast) or fp32; auto: bf16 where the hardware has it"),
-    ("attn_backend", ATTN_BACKENDS, "attention: sdpa, reference (the kernel's PyTorch mirror) or cuda (kernels.cu)"),
+    ("dtype", ("auto", "fp32", "bf16", "fp16"), "matmuls in bf16 or fp16 (autocast) or fp32; auto: the hardware's"),
+    ("attn_backend", ATTN_BACKENDS, "attention: sdpa, flex (FlexAttention), cuda (kernels.cu) or reference (its mirror)"),
     ("quiet", "store_true", "no progress bars"),
 ]
 
@@ -293,12 +334,12 @@ def inherit(run, saved, path, skip):
 # -----------------------------------------------------------------------------
 # Checkpoints and logs
 
-def save_checkpoint(path, model, optimizer, step, record):
+def save_checkpoint(path, model, optimizer, step, record, scaler=None):
     """Everything a resumed run needs. Written to a temporary file, flushed to disk, then
     renamed over the old checkpoint: a crash at any moment leaves either the old or the
     new checkpoint, never half of one."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(model.config),
-             "step": step, "rng": {"torch": torch.get_rng_state(),
+             "scaler": scaler.state_dict() if scaler else {}, "step": step, "rng": {"torch": torch.get_rng_state(),
                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
              **record}
     tmp = f"{path}.tmp"
@@ -347,7 +388,7 @@ def same_corpus(a, b):
             and [p.get("fingerprint") for p in a.get("parts", [])] == [p.get("fingerprint") for p in b.get("parts", [])])
 
 
-def restore(ckpt, model, optimizer, corpus, world):
+def restore(ckpt, model, optimizer, corpus, world, scaler=None):
     """Put a checkpoint's weights, optimizer and RNG back; check it was trained on these
     tokens. Returns the step to continue from."""
     if not same_corpus(ckpt["data"], corpus.info):
@@ -355,6 +396,8 @@ def restore(ckpt, model, optimizer, corpus, world):
                        f"now {corpus.info['tokens']:,}); the files behind --data {corpus.info['source']} changed")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt.get("scaler"):  # fp16's loss scale, as it was (empty: not an fp16 run)
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -3,11 +3,12 @@ The GPT: a pre-norm decoder-only transformer, and the attention function it call
 
 Read top-down: GPTConfig -> GPT (embed -> blocks -> norm -> tied unembedding)
 -> Block -> CausalSelfAttention -> attention(q, k, v, doc_ids), which dispatches to
-one of three backends that compute the same thing:
+one of four backends that compute the same thing:
 
     "sdpa"       torch.nn.functional.scaled_dot_product_attention (the baseline)
     "reference"  the tiled online-softmax algorithm of kernels.cu, in plain PyTorch
     "cuda"       kernels.cu, built on first use, as one PyTorch operator
+    "flex"       PyTorch's FlexAttention, compiled to Triton: the fallback on GPUs without kernels.cu
 
 Two ideas run through the whole file:
 - doc_ids (B, T): several documents share one row of the batch; token i may attend to
@@ -16,8 +17,10 @@ Two ideas run through the whole file:
   packed after others sees exactly what it would see alone.
 """
 
+import functools
 import hashlib
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -30,6 +33,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # FlexAttention: torch 2.5 and newer
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 
 @dataclass
@@ -264,32 +272,77 @@ def apply_rotary(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# Attention: one function, three backends that compute the same thing
+# Attention: one function, four backends that compute the same thing
 
-ATTN_BACKENDS = ("auto", "sdpa", "reference", "cuda")  # "auto": "cuda" where it can run, else "sdpa"
+ATTN_BACKENDS = ("auto", "sdpa", "reference", "cuda", "flex")
 
 
 def attention(q, k, v, doc_ids=None, backend="auto"):
     """Causal attention within documents. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
     doc_ids: (B, T), non-decreasing along each row, or None for plain causal attention.
-    "auto" runs kernels.cu when it can take q, on a GPU, else sdpa (saying why, once)."""
+    "auto" runs kernels.cu where it can take q; on other GPUs flex for batches with
+    documents, or sdpa where FlexAttention cannot run either (auto_backend). On CPU and MPS
+    it runs sdpa: FlexAttention has no backward there (torch 2.13 raises NotImplementedError)."""
     if backend == "auto":
-        problem = kernel_problem(q, k, v) if q.is_cuda else "not on a GPU"
-        if q.is_cuda and problem is not None:
-            say_fallback_once(problem)
-        backend = "sdpa" if problem is not None else "cuda"
+        backend = auto_backend(q, k, v) if q.is_cuda else "sdpa"
+        if backend == "flex" and doc_ids is None:
+            backend = "sdpa"  # plain causal needs no mask: sdpa's own flash kernel
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
+    if backend == "flex":
+        return flex_document_attention(q, k, v, doc_ids)
     if backend not in ATTN_BACKENDS:
         raise BadInput(f"unknown attention backend '{backend}'; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "cuda" and q.is_cuda and (problem := kernel_problem(q, k, v)) is not None:
-        raise BadInput(f"attention backend 'cuda' cannot run: {problem}")
+        raise BadInput(f"attention backend 'cuda' cannot run: {problem}; "
+                       f"or use 'auto', which runs {gpu_fallback(q.size(-1))} here")
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T), as the kernel reads them
     # kernels.cu wants dense (B, nh, T, hs): copies made here, outside the operator, can be
     # fused by torch.compile into the rotary embedding that makes q and k.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return flash_attention(q, k, v, doc_ids, backend == "reference")[0]
+
+
+def auto_backend(q, k, v):
+    """What "auto" runs for CUDA tensors q, k, v: "cuda" where kernels.cu can take them, else
+    "flex" or "sdpa" (gpu_fallback), after one line, once, saying why and what runs instead."""
+    problem = kernel_problem(q, k, v)
+    if problem is None:
+        return "cuda"
+    fallback = gpu_fallback(q.size(-1))
+    uses = "flex for batches with documents and sdpa for the others" if fallback == "flex" else "sdpa"
+    nor = f"; nor flex: {flex_problem(q.size(-1))}" if fallback == "sdpa" else ""
+    say_once(f"attention: 'auto' uses {uses}, not kernels.cu: {problem}{nor}")
+    return fallback
+
+
+def gpu_fallback(head_size):
+    """flex where FlexAttention can run on this GPU: without it a batch with documents needs
+    sdpa with a (B, 1, T, T) mask, which rules out sdpa's flash kernel."""
+    return "sdpa" if flex_problem(head_size) else "flex"
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: asked once, while tracing
+def flex_problem(head_size):
+    """Why FlexAttention cannot run on this CUDA GPU, or None."""
+    if flex_attention is None:
+        return f"torch {torch.__version__} has no FlexAttention (2.5 or newer has it)"
+    if head_size < 16:
+        return f"its GPU kernel takes head sizes of 16 or more, not {head_size}"
+    return triton_problem()
+
+
+def triton_problem():
+    """Why torch.compile cannot make GPU code (Triton kernels, which FlexAttention is too) on
+    this CUDA GPU, or None."""
+    major, minor = torch.cuda.get_device_capability()
+    if major < 7:
+        return (f"the GPU is sm_{major}{minor} and Triton, which torch.compile generates GPU code with, "
+                "needs sm_70 or newer")
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (PyTorch's CUDA wheels for Linux bring it; pip install triton)"
+    return None
 
 
 def document_causal_mask(doc_ids):
@@ -310,6 +363,51 @@ def sdpa_attention(q, k, v, doc_ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
 
 
+_last_block_mask = (None, None, None)  # (doc_ids, (version, T, device), its BlockMask): the last forward's
+
+
+def flex_document_attention(q, k, v, doc_ids):
+    """FlexAttention (Dong et al. 2024, "Flex Attention: A Programming Model for Generating
+    Optimized Attention Kernels"): the mask is a Python function of (batch, head, query,
+    key), which torch.compile fuses into a Triton kernel; no toolkit, no (T, T) matrix.
+    Notice the block mask: for each 128 x 128 tile, empty (skipped), full (no mask
+    evaluated) or partial, the three cases kernels.cu tells apart with key_tile_range and
+    tile_fully_visible. Built once per forward, not per layer: every layer gets the same
+    doc_ids tensor. Its cost per step, measured on a CPU: README, technique 2."""
+    global _last_block_mask
+    dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
+    # One dtype, as in sdpa, and dense: compiled into a GPT on a CPU, torch 2.13's FlexAttention
+    # read the strided v (a view of the qkv matmul) wrongly (tests/test_attention.py).
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    T = q.size(2)
+    if torch.compiler.is_compiling():  # traced into the model's graph, the block mask too
+        return flex_attention(q, k, v, block_mask=document_block_mask(doc_ids, T, q.device))
+    key = (doc_ids is None or doc_ids._version, T, q.device)
+    if _last_block_mask[0] is not doc_ids or _last_block_mask[1] != key:
+        _last_block_mask = (doc_ids, key, document_block_mask(doc_ids, T, q.device))
+    flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: a test's forward, uncompiled
+    return flex(q, k, v, block_mask=_last_block_mask[2])
+
+
+def document_block_mask(doc_ids, T, device):
+    """FlexAttention's BlockMask for causal attention within documents. doc_ids: (B, T), equal
+    ids = one document (any order is right, as in sdpa), or None for plain causal attention
+    over T tokens. create_block_mask evaluates the mask on all B x T x T pairs, once."""
+    if doc_ids is None:
+        return create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, T, T, device=device)
+
+    def causal_same_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    return create_block_mask(causal_same_document, doc_ids.size(0), None, T, T, device=device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled for the GPU: once per shape (dynamic=False), not per step; a new
+    batch's doc_ids are a new block mask, the same compiled kernel."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 # -----------------------------------------------------------------------------
 # "reference" and "cuda" are one operator, like aten::mm: torch.compile keeps it as one
 # node of its graph, and autograd runs the backward registered for it. CUDA tensors go to
@@ -324,7 +422,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: 
     if mirror or not q.is_cuda:
         return flash_forward(q, k, v, mirror_doc_ids(doc_ids, q))
     # Buffers are allocated here, in sight, on the stream the kernel runs on (kernels.cu).
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = dense_aligned(q), dense_aligned(k), dense_aligned(v)
     o = torch.empty_like(q)  # (B, nh, T, hs)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, nh, T)
     load_kernel().forward(q, k, v, doc_ids, o, lse, torch.cuda.current_stream(q.device).cuda_stream)
@@ -344,7 +442,7 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """dq, dk, dv: an operator of its own, so compiled backward graphs hold it too."""
     if mirror or not q.is_cuda:
         return flash_backward(do, q, k, v, o, lse, mirror_doc_ids(doc_ids, q))
-    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()  # do: often a view
+    do, q, k, v = (dense_aligned(t) for t in (do, q, k, v))  # do: often a view
     delta = torch.empty_like(lse)  # (B, nh, T) rowsum(dO * O), the preprocess fills it
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # summed into by atomicAdd
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -356,6 +454,14 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 @flash_attention_backward.register_fake
 def _(do, q, k, v, o, lse, doc_ids, mirror):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def dense_aligned(t):
+    """t as kernels.cu reads it: dense, from a 16-byte boundary (cp.async moves 16 bytes). A
+    slice of a bigger tensor can be dense and start anywhere; it is copied here, where the
+    tensor is real, since torch.compile traces attention() with tensors that have no address."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -550,8 +656,11 @@ _said = set()  # the fallback lines said so far
 
 def kernel_problem(q, k, v):
     """Why kernels.cu cannot take these CUDA tensors, or None: a fallback for "auto", a
-    BadInput for "cuda", never a crash. Shapes and dtypes only: torch.compile traces it."""
+    BadInput for "cuda", never a crash. Shapes and dtypes only: torch.compile traces it.
+    What the machine lacks comes first: no advice about q for a GPU that cannot run it."""
     B, H, T, D = q.shape
+    if (machine := cannot_build()) is not None:
+        return machine
     if not q.dtype == k.dtype == v.dtype:
         return f"q, k, v have mixed dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -564,10 +673,19 @@ def kernel_problem(q, k, v):
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called once, while tracing
+def cannot_build():
+    """Why this machine cannot build kernels.cu (asked without building), or None."""
+    global _kernel_error
+    if _kernel is None and _kernel_error is None:
+        _kernel_error = _build_problem()
+    return _kernel_error if _kernel is None else None
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called once, while tracing
 def load_kernel(verbose=False):
     """Build (first time: a minute or two) or load (cached: a second) kernels.cu, and check it
-    on this GPU once (self_check): the module, or None after one line saying why and how to
-    fix it. A failed build or check is not retried."""
+    on this GPU once (self_check): the module, or None with why and how to fix it in
+    _kernel_error (attention() says it, once). A failed build or check is not retried."""
     global _kernel, _kernel_error
     if _kernel is None and (_kernel_error is None or verbose):
         _kernel_error = _build_problem()
@@ -580,8 +698,6 @@ def load_kernel(verbose=False):
             else:
                 if (_kernel_error := self_check(module)) is None:
                     _kernel = module
-        if _kernel_error is not None:
-            say_fallback_once(_kernel_error)
     return _kernel
 
 
@@ -634,9 +750,8 @@ def _first_error_line(log):
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: said while tracing, no graph break
-def say_fallback_once(reason):
-    """One line, once per reason: training goes on with sdpa, and the log says why."""
-    message = f"attention: kernels.cu not used, 'auto' uses sdpa: {reason}"
+def say_once(message):
+    """One line, once: training goes on with a fallback, and the log says why."""
     if message not in _said:
         _said.add(message)
         print(message)

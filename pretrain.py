@@ -86,7 +86,8 @@ def train(args):
     model = GPT(config).to(device)
     model.attn_backend = run.attn_backend
     optimizer = make_optimizer(model, run.lr, run.weight_decay, device)
-    start_step = harness.restore(ckpt, model, optimizer, corpus, world) if ckpt else 0
+    loop = Loop.of(run, device, rank, world, keep=kept_steps(run))
+    start_step = harness.restore(ckpt, model, optimizer, corpus, world, loop.scaler) if ckpt else 0
     harness.say(rank, f"model: {model.num_params() / 1e6:.1f}M parameters; writing to {run.out_dir}"
                       + (f"; {world} processes" if world > 1 else ""))
 
@@ -94,7 +95,6 @@ def train(args):
     lr_at = schedule(run)
     record = {"args": {**vars(run), "world": world}, "data": corpus.info, "packing_stats": stats,
               "unigram_loss": baseline}
-    loop = Loop.of(run, device, rank, world, keep=kept_steps(run))
     fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step, record)
 
     # --- the end: plots, samples and a summary, from process 0
@@ -132,18 +132,20 @@ class Loop:
     log_interval: int
     compile: bool
     quiet: bool
-    dtype: str  # --dtype: auto, fp32 or bf16 (harness.autocast_for)
+    dtype: str  # --dtype: auto, fp32, bf16 or fp16 (harness.autocast_for)
     device: str
     rank: int   # this process, under torchrun
     world: int  # how many processes
     keep: tuple  # steps whose checkpoint is also kept, as ckpt_<step>.pt
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; a pass-through for bf16 and fp32
 
     @classmethod
     def of(cls, run, device, rank, world, keep=()):
         """The Loop of a run's settings (pretrain.py's and cpt.py's have the same names)."""
         names = ("out_dir", "max_steps", "grad_accum", "grad_clip", "eval_interval", "log_interval", "compile", "quiet",
                  "dtype")
-        return cls(**{name: getattr(run, name) for name in names}, device=device, rank=rank, world=world, keep=keep)
+        return cls(**{name: getattr(run, name) for name in names}, device=device, rank=rank, world=world, keep=keep,
+                   scaler=harness.grad_scaler(device, run.dtype))
 
 
 def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, record=None):
@@ -155,7 +157,7 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
     record besides the weights, the optimizer, the step and the RNG. Under torchrun every
     process runs this loop on its own slice of each batch; DistributedDataParallel averages
     the gradients; process 0 writes."""
-    net = torch.compile(model) if loop.compile else model
+    net = torch.compile(model) if harness.compile_here(loop.compile, loop.device, loop.rank) else model
     if loop.world > 1:
         net = DistributedDataParallel(net, device_ids=[torch.device(loop.device).index] if loop.device.startswith("cuda") else None)
     record = {**(record or {}), "parameters": model.num_params()}
@@ -214,9 +216,11 @@ def train_step(net, model, optimizer, next_batch, step, loop):
         with contextlib.nullcontext() if last or loop.world == 1 else net.no_sync():
             with harness.autocast_for(loop.device, loop.dtype):
                 _, loss = net(batch["x"], batch["y"], batch.get("doc_ids"), batch["pos_ids"])
-            (loss / loop.grad_accum).backward()
+            loop.scaler.scale(loss / loop.grad_accum).backward()
+    loop.scaler.unscale_(optimizer)  # clip the true gradients
     torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-    optimizer.step()
+    loop.scaler.step(optimizer)  # optimizer.step(), unless an fp16 gradient overflowed
+    loop.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, batch["x"].numel() * loop.grad_accum * loop.world
 
@@ -233,9 +237,8 @@ def evaluate_and_checkpoint(model, optimizer, eval_sets, loop, step, tokens, lr,
     harness.append_log(os.path.join(loop.out_dir, "log.jsonl"), {
         "step": step, "tokens": tokens, "lr": lr, "val_loss": next(iter(losses.values())),
         **{f"val_loss_{name}": value for name, value in losses.items()}, "peak_memory_gb": harness.peak_memory_gb(loop.device)})
-    harness.save_checkpoint(os.path.join(loop.out_dir, "ckpt.pt"), model, optimizer, step, record)
-    if step in loop.keep:
-        harness.save_checkpoint(os.path.join(loop.out_dir, f"ckpt_{step}.pt"), model, optimizer, step, record)
+    for name in ("ckpt.pt",) + ((f"ckpt_{step}.pt",) if step in loop.keep else ()):
+        harness.save_checkpoint(os.path.join(loop.out_dir, name), model, optimizer, step, record, loop.scaler)
 
 
 @torch.no_grad()
@@ -435,6 +438,7 @@ def check_settings(run, device):
                        "(rotary embeddings rotate pairs); e.g. --n_head 4 with --n_embd 128")
     if run.warmup >= run.max_steps:
         raise BadInput(f"--warmup {run.warmup} must be less than --max_steps {run.max_steps}")
+    harness.check_attention_backend(run.attn_backend, device, run.dtype, run.n_embd // run.n_head)
     check_memory(run, device)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from common import BENCH, save
 import harness
+import model
 from model import attention, document_causal_mask
 
 OURS = "ours (kernels.cu)"
@@ -111,33 +112,25 @@ def random_inputs(B, H, T, D, mean_len, seed, device):
     return doc_ids, *(torch.randn(B, H, T, D, generator=gen).to(device, torch.bfloat16) for _ in range(4))
 
 
-_flex = None  # torch.compile(flex_attention), made once: dynamo then compiles it once per shape
-
-
 def backends(doc_ids, device):
     """name -> f(q, k, v). Masks are built here, outside the timing, which favours the
     baselines: a model rebuilds them at every step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    global _flex
     if doc_ids is None:
         def sdpa_flash(q, k, v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return {OURS: lambda q, k, v: attention(q, k, v, None, backend="cuda"), "SDPA flash": sdpa_flash}
-    B, T = doc_ids.shape
+    T = doc_ids.size(1)
     mask = document_causal_mask(doc_ids)  # (B, 1, T, T) bool
     fns = {OURS: lambda q, k, v: attention(q, k, v, doc_ids, backend="cuda"),
            "SDPA + boolean mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def document_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-        block_mask = create_block_mask(document_causal, B, None, T, T, device=device)
-        _flex = _flex or torch.compile(flex_attention, dynamic=False)
-        fns["FlexAttention + block mask"] = lambda q, k, v: _flex(q, k, v, block_mask=block_mask)
-    except Exception as e:  # an older torch, or no compiler for it here
-        print(f"FlexAttention skipped: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    if model.flex_attention is None:  # a torch older than 2.5
+        print(f"FlexAttention skipped: torch {torch.__version__} has none")
+        return fns
+    block_mask = model.document_block_mask(doc_ids, T, device)  # the training path's, shared
+    flex = model.compiled_flex_attention()  # compiled once; dynamo then compiles once per shape
+    fns["FlexAttention + block mask"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
     return fns
 
 

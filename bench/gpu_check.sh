@@ -277,7 +277,7 @@ if [ "$MODE" = check ]; then background_training & BACKGROUND=$!; fi
 if [ "$DRY" = 1 ]; then  # on a CPU, load_kernel says in one line why there is no kernel
     part build "$B_BUILD" "$PY" -c "import model; print(model.load_kernel())"
 else
-    part build "$B_BUILD" "$PY" -c "import model, sys; sys.exit(0 if model.load_kernel(verbose=True) is not None else 1)"
+    part build "$B_BUILD" "$PY" -c "import model, sys; ok = model.load_kernel(verbose=True) is not None; print('kernel:', 'ready' if ok else model._kernel_error); sys.exit(0 if ok else 1)"
 fi || GATE="the build or its self-check failed (build.log)"
 [ -n "$GATE" ] && stop_background "$GATE"
 if [ -z "$GATE" ] && [ "$DRY" != 1 ]; then  # a second load in a fresh process must find the build cached

@@ -81,6 +81,28 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     assert a[20] != a[19]
 
 
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+    """--dtype fp16 (auto's choice on GPUs before sm_80) trains with a gradient scaler; its
+    state, the scale and the steps since it last grew, is in the checkpoint, so a resumed run
+    continues exactly. fp16 matmuls are slow on this CPU: 6 steps."""
+    args = lambda out, *extra: tiny_args(out, 6, "--dtype", "fp16", "--eval_interval", "3", *extra)  # noqa: E731
+    pretrain.main(args(tmp_path / "straight"))
+    real_get_batch = data.get_batch
+    def dies_at_step_5(corpus, rows, seq_len, index, *args, **kw):
+        if index == 4:
+            raise RuntimeError("power cut")
+        return real_get_batch(corpus, rows, seq_len, index, *args, **kw)
+    monkeypatch.setattr(data, "get_batch", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pretrain.main(args(tmp_path / "crashed"))
+    monkeypatch.undo()
+    pretrain.main(args(tmp_path / "crashed", "--resume"))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
+    assert sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    scalers = [harness.load_checkpoint(tmp_path / run / "ckpt.pt")["scaler"] for run in ("straight", "crashed")]
+    assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 6, scalers  # 6 steps without an overflow
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     real = pretrain.learning_rate
     monkeypatch.setattr(pretrain, "learning_rate",
@@ -184,6 +206,18 @@ def test_training_on_the_mirror_matches_sdpa(tmp_path, monkeypatch):
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     assert a[12] < a[1] - 0.2  # and it learned something
     assert harness.load_checkpoint(tmp_path / "mirror" / "ckpt.pt")["args"]["attn_backend"] == "reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", ["--no-compile", "--compile"])
+def test_training_with_flex_on_a_gpu_matches_sdpa(tmp_path, compile):
+    """A few steps with FlexAttention on a GPU, on its own and compiled into the model: the
+    losses of sdpa, to bf16 rounding, and it learns."""
+    for backend in ("sdpa", "flex"):
+        pretrain.main(tiny_args(tmp_path / backend, 12, "--device", "cuda", "--attn_backend", backend, compile))
+    a, b = losses(tmp_path / "sdpa"), losses(tmp_path / "flex")
+    assert sorted(b) == list(range(1, 13)) and all(abs(a[s] - b[s]) < 0.05 for s in a), (a, b)
+    assert b[12] < b[1] - 0.2
 
 
 def test_samples_of_different_prompts_differ():
