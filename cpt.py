@@ -53,7 +53,7 @@ def run(args):
     """Checkpoint -> model, both corpora -> mixed batches and two validation sets -> pretrain.fit()."""
     rank, world, device = harness.setup_distributed(harness.pick_device(args.device))
     run, init, model, resumed = settings(args, device)
-    lock = harness.claim_out_dir(run.out_dir, rank)  # noqa: F841 (held until run() ends)
+    lock = harness.claim_out_dir(run.out_dir, rank, run.resume, run.overwrite_out_dir, run.init)  # noqa: F841 (held)
     torch.manual_seed(run.seed)
 
     # The new domain. pydoc has 79 documents: a 5 % split would hold out ~3 (4k tokens), too
@@ -124,7 +124,8 @@ def settings(args, device):
     resumed = None
     if args.resume:
         resumed = harness.load_checkpoint(os.path.join(run.out_dir, "ckpt.pt"))
-        harness.inherit(run, resumed.get("args", {}), os.path.join(run.out_dir, "ckpt.pt"), skip=("resume", "device", "out_dir"))
+        harness.inherit(run, resumed.get("args", {}), os.path.join(run.out_dir, "ckpt.pt"),
+                        skip=("resume", "overwrite_out_dir", "device", "out_dir"))
     run.init = os.path.normpath(run.init or DEFAULT_INIT)
     init, model = load_init(run.init, device)
 

@@ -28,17 +28,19 @@ from model import (ATTN_BACKENDS, GPT, GPTConfig, BadInput, flex_problem, gpu_fa
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the step was finished and a checkpoint written. main() prints it and exits 1."""
+    """(message, exit status): Ctrl-C or SIGTERM came, the step was finished and a checkpoint written."""
 
 
 def exit_with_one_line(run, args):
-    """run(args); bad input, or a run stopped by Ctrl-C, ends as one line and exit status 1."""
+    """run(args); bad input ends as one line and exit status 1, a stopped run as one line and its status."""
     try:
         run(args)
     except BadInput as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:
-        sys.exit(str(e))
+        message, status = e.args
+        print(message, file=sys.stderr)
+        sys.exit(status)
 
 
 def say(rank, message):
@@ -157,31 +159,53 @@ def load_corpus_once(source, rank, world, quiet=False):
     return corpus
 
 
-def claim_out_dir(out_dir, rank):
+def claim_out_dir(out_dir, rank, resume=False, overwrite=False, init=None):
     """--out_dir must be a folder this process can write (it is made if missing), and only
     one run may write there: two would interleave their logs and overwrite each other's
     checkpoints. Process 0 takes a lock that belongs to the OS (fcntl): it goes away with
-    the process, however it ends. Returns the open lock file (keep it), or None."""
+    the process, however it ends. Returns the open lock file: keep it. No run is lost: a
+    new run refuses a folder holding a checkpoint unless told to start over (overwrite: the
+    old run's checkpoints are deleted, so none is resumed by mistake), and cpt.py never
+    writes where its --init checkpoint is."""
     if not out_dir or os.path.isfile(out_dir):
         raise BadInput(f"--out_dir {out_dir!r} is {'a file' if out_dir else 'empty'}; give a folder")
-    probe = os.path.join(out_dir, f".writable{os.getpid()}")  # one per process: torchrun starts several
+    if init and os.path.realpath(os.path.dirname(init)) == os.path.realpath(out_dir):  # real paths: links, ./, ../
+        raise BadInput(f"--out_dir {out_dir} holds the --init checkpoint {init}, which this run would overwrite; "
+                       "choose another --out_dir")
+    if resume and overwrite:
+        raise BadInput("--resume continues the run in --out_dir and --overwrite_out_dir deletes it; give one of them")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")  # opened for writing: the folder can be written
     except OSError as e:
         raise BadInput(f"--out_dir {out_dir} cannot be written ({e.strerror}); choose another folder")
-    if rank > 0 or sys.platform == "win32":  # Windows has no fcntl: no lock
-        return None
-    import fcntl
-    lock = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if rank == 0 and sys.platform != "win32":  # Windows has no fcntl: no lock
+        import fcntl
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise BadInput(f"another run is writing to {out_dir} right now; wait for it to end or use another --out_dir")
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if not resume and not overwrite and os.path.exists(ckpt):
         lock.close()
-        raise BadInput(f"another run is writing to {out_dir} right now; wait for it to end or use another --out_dir")
+        raise BadInput(f"--out_dir {out_dir} holds {what_run(ckpt)}; continue it with --resume, choose another "
+                       "--out_dir, or pass --overwrite_out_dir to start over (it deletes that run's checkpoints)")
+    if overwrite and rank == 0:
+        for name in os.listdir(out_dir):
+            if name.startswith("ckpt") and name.endswith(".pt"):  # ckpt.pt and the kept ckpt_<step>.pt
+                os.remove(os.path.join(out_dir, name))
     return lock
+
+
+def what_run(path):
+    """'a pretrain.py run (step 450 of 900)', read without loading the tensors (mmap)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        script = "cpt.py" if "init_eval" in ckpt else "pretrain.py"
+        return f"a {script} run (step {ckpt['step']} of {ckpt['args']['max_steps']})"
+    except Exception:  # damaged, or not ours: still something a new run must not write over
+        return "a ckpt.pt that cannot be read"
 
 
 def peak_memory_gb(device):
@@ -195,29 +219,39 @@ def peak_memory_gb(device):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30, 2)
 
 
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 1), signal.SIGTERM: ("SIGTERM", 128 + signal.SIGTERM)}  # name, exit status
+
+
 @contextlib.contextmanager
-def ctrl_c_finishes_the_step():
-    """Ctrl-C sets a flag instead of raising mid-step, so the loop can finish the step,
-    save a checkpoint and exit cleanly. A second Ctrl-C stops at once."""
-    stop = types.SimpleNamespace(requested=False)
+def signals_finish_the_step():
+    """Ctrl-C, and SIGTERM (what Slurm, Kubernetes, systemd and `timeout` send before they
+    kill), set stop.signal instead of raising mid-step, so the loop can finish the step,
+    save a checkpoint and exit: status 1 after Ctrl-C, 143 (128 + 15: "terminated") after
+    SIGTERM. A second Ctrl-C stops at once (a checkpoint half written is dropped, the last
+    stays); a second SIGTERM is ignored: under torchrun a worker may get one from the
+    scheduler and one from torchrun, and the grace period ends in SIGKILL anyway."""
+    stop = types.SimpleNamespace(signal=0)
     def handler(signum, frame):
-        if stop.requested:
+        if stop.signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        stop.requested = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
+        if not stop.signal:
+            stop.signal = signum
+            print(f"\n{STOP_SIGNALS[signum][0]}: finishing this step and saving a checkpoint (Ctrl-C to quit now)",
+                  flush=True)
     if threading.current_thread() is not threading.main_thread():  # signals only work there
         yield stop
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def across_processes(value, loop, op):
     """A number reduced over all processes under torchrun: op "mean" (each saw only its
-    slice of the batch) or "max" (Ctrl-C may reach them at different steps; all must stop
+    slice of the batch) or "max" (a signal may reach them at different steps; all must stop
     at the same one)."""
     if loop.world == 1:
         return float(value)
@@ -281,6 +315,9 @@ SHARED_FLAGS = [
     ("out_dir", str, "where checkpoints, logs, plots and samples go"),
     ("device", str, "auto, cpu, cuda, cuda:N or mps"),
     ("resume", "store_true", "continue the run in --out_dir from its checkpoint, with its settings"),
+    ("overwrite_out_dir", "store_true", "start over in an --out_dir that holds a run's checkpoint, deleting its "
+     "checkpoints; without it such a folder is refused (the name of the Hugging Face Trainer's flag, "
+     "overwrite_output_dir, for our --out_dir)"),
     ("max_steps", AT_LEAST_1, "optimizer steps"),
     ("warmup", AT_LEAST_0, "steps of linear warmup (cpt.py: of rewarming)"),
     ("packing", data.PACKINGS, "how documents are laid into rows"),

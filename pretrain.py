@@ -66,7 +66,7 @@ def train(args):
     started = time.time()
     rank, world, device = harness.setup_distributed(harness.pick_device(args.device))
     run, ckpt = settings(args, device, rank)
-    lock = harness.claim_out_dir(run.out_dir, rank)  # noqa: F841 (held until train() ends)
+    lock = harness.claim_out_dir(run.out_dir, rank, run.resume, run.overwrite_out_dir)  # noqa: F841 (held till the end)
     torch.manual_seed(run.seed)
 
     # --- data: documents -> packed rows -> batches, each a pure function of its index
@@ -167,9 +167,9 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
     from tqdm import tqdm
     bar = tqdm(range(start_step, loop.max_steps), initial=start_step, total=loop.max_steps, desc="train",
                dynamic_ncols=True, disable=loop.quiet or loop.rank > 0)
-    speed, started = harness.Speedometer(model, loop), time.time()
+    speed, started, stopping = harness.Speedometer(model, loop), time.time(), 0
     model.train()
-    with harness.ctrl_c_finishes_the_step() as stop:
+    with harness.signals_finish_the_step() as stop:
         for step in bar:
             # one optimizer step: the LR for this step, micro-steps, clip, update
             lr = lr_at(step)
@@ -177,7 +177,7 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
                 group["lr"] = lr
             loss, tokens = train_step(net, model, optimizer, next_batch, step, loop)
             done = step + 1
-            stopping = bool(harness.across_processes(stop.requested, loop, "max"))
+            stopping = int(harness.across_processes(stop.signal, loop, "max"))  # the signal a process got, or 0
             speed.tokens += tokens
 
             # log: reading the loss makes the CPU wait for the GPU, so not every step
@@ -192,17 +192,19 @@ def fit(model, optimizer, next_batch, lr_at, eval_sets, loop, start_step=0, reco
                     harness.append_log(log_path, {"step": done, "tokens": done * tokens, "lr": lr, "loss": loss_value,
                                                   "tok_s": round(tok_s), "seconds": round(time.time() - started, 2)})
 
-            # evaluate and checkpoint: at every eval_interval, at the end, at a kept step, on Ctrl-C
+            # evaluate and checkpoint: at every eval_interval, at the end, at a kept step, on a signal
             if done % loop.eval_interval == 0 or done == loop.max_steps or stopping or done in loop.keep:
                 evaluate_and_checkpoint(model, optimizer, eval_sets, loop, done, done * tokens, lr, record, bar)
             if stopping:
-                bar.close()
-                raise harness.Interrupted(f"interrupted: checkpoint saved at step {done}; continue with "
-                                          f"python {os.path.basename(sys.argv[0])} --resume --out_dir {loop.out_dir}")
-    bar.close()
-    if loop.world > 1:
-        torch.distributed.barrier()  # nobody leaves before process 0 has written the last checkpoint
-        torch.distributed.destroy_process_group()
+                break
+        bar.close()
+        if loop.world > 1:  # (still inside: a second SIGTERM while waiting here is ignored too)
+            torch.distributed.barrier()  # nobody leaves before process 0 has written the last checkpoint
+            torch.distributed.destroy_process_group()
+    if stopping:
+        name, status = harness.STOP_SIGNALS[stopping]
+        raise harness.Interrupted(f"interrupted by {name}: checkpoint saved at step {done}; continue with "
+                                  f"python {os.path.basename(sys.argv[0])} --resume --out_dir {loop.out_dir}", status)
 
 
 def train_step(net, model, optimizer, next_batch, step, loop):
@@ -480,7 +482,8 @@ def resume_settings(run, max_steps):
         ckpt = harness.load_checkpoint(path)
         saved = {**ckpt["args"], "max_steps": max_steps}
     # Flags that say what to do now, not what the run is, are never taken from a checkpoint.
-    harness.inherit(run, saved, path, skip=("resume", "device", "out_dir", "sample", "init", "url", "prompt", "preset"))
+    harness.inherit(run, saved, path, skip=("resume", "overwrite_out_dir", "device", "out_dir", "sample", "init", "url",
+                                            "prompt", "preset"))
     return ckpt
 
 

@@ -34,7 +34,11 @@ def train(script, out_dir, flags, steps):
     out_dir = os.path.join(ROOT, out_dir)  # runs live in the repo's out/, wherever this is started from
     if any(r["step"] == steps for r in evals(out_dir)):
         return out_dir
-    command = [sys.executable, script, *map(str, flags), "--max_steps", str(steps), "--out_dir", out_dir, "--quiet"]
+    # Any other run in this folder (stopped half way, or of another length) is this bench's own
+    # and is trained again from the start, as it always was here: scripts refuse a folder
+    # holding a run's checkpoint, so the bench says so deliberately, with --overwrite_out_dir.
+    command = [sys.executable, script, *map(str, flags), "--max_steps", str(steps), "--out_dir", out_dir, "--quiet",
+               "--overwrite_out_dir"]
     print(" ".join(command[1:]), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         sys.exit(f"error: the run in {out_dir} failed (see its message above); fix it and run this script again, "

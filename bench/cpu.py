@@ -4,6 +4,7 @@ schedule learn most in the same wall-clock budget on this machine. Nothing else 
     python bench/cpu.py                  # -> bench/cpu.md, cpu.png (about an hour on 2 cores)
     python bench/cpu.py --budget 60      # a shorter sweep
     python bench/cpu.py --profile        # where the step's time goes
+    python bench/cpu.py --time_checkpoint  # the grace period a SIGTERM needs, for each preset
 
 1. Speed. Matmul GFLOP/s in fp32 and bf16, and one training step of the cpu model as this
    repo computed it before (full fp32 logits) against the chunked loss, in fp32 and bf16,
@@ -17,6 +18,7 @@ schedule learn most in the same wall-clock budget on this machine. Nothing else 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,6 +129,46 @@ def speed(lines):
     return runs
 
 
+def time_checkpoint(repeats=3):
+    """The grace period to give a scheduler between SIGTERM and SIGKILL. For each preset, the
+    write of its final checkpoint (weights and AdamW's two moments) from this machine's
+    memory to its disk; for the cpu preset, a real run stopped by SIGTERM, from the signal
+    to its exit (the rest of the step, an evaluation, the write). Printed, not kept."""
+    path = os.path.join(ROOT, "out", "time_checkpoint", "ckpt.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"Hardware: {hardware()}; {repeats} repeats (mean ± sd)\n\n| preset | parameters | checkpoint | write s |\n"
+          "| --- | --- | --- | --- |")
+    for name, preset in pretrain.PRESETS.items():
+        net = model.GPT(model.GPTConfig(block_size=preset["seq_len"], n_layer=preset["n_layer"],
+                                        n_head=preset["n_head"], n_embd=preset["n_embd"]))
+        optimizer = pretrain.make_optimizer(net, 1e-3, 0.1, "cpu")
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()  # AdamW's moments exist from the first step on, and the checkpoint holds them
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            harness.save_checkpoint(path, net, optimizer, 0, {})
+            seconds.append(time.perf_counter() - t0)
+        print(f"| {name} | {net.num_params() / 1e6:.1f}M | {os.path.getsize(path) / 2**20:,.0f} MB | {spread(seconds)}, "
+              f"at most {max(seconds):.1f} |", flush=True)
+        del net, optimizer
+    out_dir, seconds = os.path.dirname(path), []
+    for _ in range(repeats):
+        if os.path.exists(os.path.join(out_dir, "log.jsonl")):
+            os.remove(os.path.join(out_dir, "log.jsonl"))  # the last run's
+        run = subprocess.Popen([sys.executable, "pretrain.py", "--preset", "cpu", "--device", "cpu", "--out_dir", out_dir,
+                                "--overwrite_out_dir", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while not evals(out_dir, "loss") and run.poll() is None:  # the first log line: training is under way
+            time.sleep(0.1)
+        t0 = time.perf_counter()
+        run.send_signal(signal.SIGTERM)
+        run.wait()
+        seconds.append(time.perf_counter() - t0)
+        assert run.returncode == 143, run.stderr.read().decode()
+    print(f"\ncpu preset, a real run: SIGTERM to exit {spread(seconds)} s, at most {max(seconds):.1f} s")
+
+
 def sweep(args, lines):
     """max_steps that fill the budget: first from a timed calibration, then, where the first
     run's own steps took over 10 % more or less time, from that run, which is run again; a
@@ -198,8 +240,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=120, help="seconds of training steps per sweep run")
     parser.add_argument("--profile", action="store_true", help="where a chunked bf16 step's time goes, then exit")
+    parser.add_argument("--time_checkpoint", action="store_true", help="the grace period a SIGTERM needs, then exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_checkpoint:
+        return time_checkpoint()
     if args.child:
         return print(json.dumps(step_time(*json.loads(args.child))))
     if args.profile:  # (the data's packing is in it too, once: a few % of the total)

@@ -2,6 +2,7 @@
 or file, exit status 1, before any data is loaded, and never a traceback."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,68 @@ def test_a_second_run_on_the_same_out_dir_stops(tmp_path):
         holder.kill()
         holder.wait()
     pretrain.main(tiny_args(tmp_path, 2))  # the lock goes with the process that held it
+
+
+def run_in_a_process(script, argv, cwd=ROOT):
+    """A real process: (exit status, stderr)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    return result.returncode, result.stderr.strip()
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
+    """pretrain.py without --resume into a run's folder is refused, saying what is there and
+    the three ways on; the run is untouched. --overwrite_out_dir starts over, deleting the
+    old run's checkpoints (a kept ckpt_<step>.pt too), and does not mix with --resume."""
+    run = tmp_path / "run"
+    pretrain.main(tiny_args(run, 4, "--schedule", "wsd", "--decay_frac", "0.5"))  # keeps ckpt_2.pt
+    before = (run / "ckpt.pt").read_bytes()
+    status, stderr = run_in_a_process("pretrain.py", tiny_args(run, 6))
+    assert status == 1 and stderr == (
+        f"error: --out_dir {run} holds a pretrain.py run (step 4 of 4); continue it with --resume, choose another "
+        "--out_dir, or pass --overwrite_out_dir to start over (it deletes that run's checkpoints)")
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert "give one of them" in one_line_error(pretrain.main, tiny_args(run, 4, "--resume", "--overwrite_out_dir"))
+    pretrain.main(tiny_args(run, 2, "--overwrite_out_dir"))
+    assert harness.load_checkpoint(run / "ckpt.pt")["step"] == 2 and not (run / "ckpt_2.pt").exists()
+
+
+def test_python_pretrain_twice_keeps_the_first_run(tmp_path, monkeypatch):
+    """The default --out_dir is out/<preset>: a second `python pretrain.py` there is refused."""
+    argv = tiny_args("unused", 2)
+    del argv[argv.index("--out_dir"):argv.index("--out_dir") + 2]
+    monkeypatch.chdir(tmp_path)
+    pretrain.main(argv)
+    before = (tmp_path / "out" / "cpu" / "ckpt.pt").read_bytes()
+    status, stderr = run_in_a_process("pretrain.py", argv, cwd=tmp_path)
+    assert status == 1 and stderr.startswith("error: --out_dir out/cpu holds a pretrain.py run (step 2 of 2)"), stderr
+    assert (tmp_path / "out" / "cpu" / "ckpt.pt").read_bytes() == before
+
+
+def test_cpt_never_writes_where_its_init_checkpoint_is(base, tmp_path):  # noqa: F811
+    """cpt.py refuses an --out_dir holding its --init checkpoint, whatever the flags and
+    however the path is spelled (real paths are compared); and, like pretrain.py, a
+    folder holding another CPT run unless --resume or --overwrite_out_dir."""
+    shutil.copytree(base / "run", tmp_path / "run")
+    init, before = tmp_path / "run" / "ckpt.pt", (tmp_path / "run" / "ckpt.pt").read_bytes()
+    argv = cpt_args(base, tmp_path / "run", 2)
+    argv[argv.index("--init") + 1] = str(init)
+    status, stderr = run_in_a_process("cpt.py", argv)
+    assert status == 1 and stderr == (f"error: --out_dir {tmp_path / 'run'} holds the --init checkpoint {init}, "
+                                      "which this run would overwrite; choose another --out_dir"), stderr
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    for out_dir, flags in [(tmp_path / "run", ["--overwrite_out_dir"]), (tmp_path / "link", ["--overwrite_out_dir"]),
+                           (tmp_path / "run" / ".." / "run", [])]:
+        argv = cpt_args(base, out_dir, 2, *flags)
+        argv[argv.index("--init") + 1] = str(init)
+        assert "holds the --init checkpoint" in one_line_error(cpt.main, argv)
+    argv = cpt_args(base, tmp_path / "run", 2, "--resume")
+    argv[argv.index("--init") + 1] = str(init)
+    one_line_error(cpt.main, argv)  # refused too (here: the pretraining run's settings are not this run's)
+    assert init.read_bytes() == before
+    cpt.main(cpt_args(base, tmp_path / "cpt", 2))
+    message = one_line_error(cpt.main, cpt_args(base, tmp_path / "cpt", 2))
+    assert "holds a cpt.py run (step 2 of 2); continue it with --resume" in message
 
 
 def test_resume_errors_name_what_to_do(tmp_path, base):  # noqa: F811

@@ -1,11 +1,12 @@
 """The rule that decides what a results table may claim (bench/common.py:mark), on small
-made-up tables, and that the committed tables carry its marks."""
+made-up tables, and that the committed tables carry its marks; how bench runs its runs."""
 
 import os
 
 import pytest
 
-from bench.common import NOTE, ROOT, mark
+from bench.common import NOTE, ROOT, evals, mark, train
+from test_pretrain import tiny_args
 
 TABLE = """| run | loss | note |
 | --- | --- | --- |
@@ -52,3 +53,15 @@ def test_the_committed_tables_are_marked(path):
     with open(os.path.join(ROOT, path)) as f:
         text = f.read()
     assert mark(text) == text
+
+
+def test_a_bench_run_is_reused_when_finished_and_trained_again_otherwise(tmp_path):
+    """bench/common.py:train reuses a finished run and trains any other run in its folder
+    again from the start: it passes --overwrite_out_dir, which scripts otherwise need."""
+    out_dir = str(tmp_path / "run")
+    train("pretrain.py", out_dir, tiny_args(out_dir, 2), 2)
+    written = os.path.getmtime(tmp_path / "run" / "ckpt.pt")
+    train("pretrain.py", out_dir, tiny_args(out_dir, 2), 2)
+    assert os.path.getmtime(tmp_path / "run" / "ckpt.pt") == written  # reused: not trained again
+    train("pretrain.py", out_dir, tiny_args(out_dir, 3), 3)  # another length: trained again, not refused
+    assert [r["step"] for r in evals(out_dir)] == [3]

@@ -6,6 +6,7 @@ The "old domain" is a tiny model pretrained for 10 steps on a made-up code corpu
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import data
 import harness
 import pretrain
 from model import BadInput
+from test_faults import run_and_signal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,6 +195,24 @@ def test_resume_of_a_cpt_run_continues_exactly(base, tmp_path, monkeypatch):
     assert all(abs(a[s] - b[s]) < 1e-4 for s in range(1, 13)), [(a[s], b[s]) for s in (8, 12)]
     assert losses(straight, "val_loss_old")[12] == pytest.approx(losses(crashed, "val_loss_old")[12], abs=1e-4)
     assert a[12] != a[11]
+
+
+def test_sigterm_stops_a_cpt_run_and_resume_gives_the_losses_of_a_straight_run(base, tmp_path):
+    """A real cpt.py process: SIGTERM finishes the step, writes the checkpoint and exits
+    143; the printed --resume line continues to the losses of a run never stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ("--replay", "0.25", "--eval_interval", "40")
+    run_cpt(cpt_args(base, straight, 40, *flags))
+    returncode, stderr = run_and_signal([sys.executable, "cpt.py", *cpt_args(base, stopped, 40, *flags)], stopped,
+                                        [signal.SIGTERM])
+    assert returncode == 143 and "interrupted by SIGTERM: checkpoint saved at step" in stderr, stderr
+    assert f"python cpt.py --resume --out_dir {stopped}" in stderr
+    step = torch.load(stopped / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= step < 40 and step == max(losses(stopped))
+    run_cpt(["--resume", "--out_dir", str(stopped), "--device", "cpu", "--quiet"])
+    a, b = losses(straight), losses(stopped)
+    assert sorted(b) == list(range(1, 41))
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), [(a[s], b[s]) for s in (step, 40)]
 
 
 def test_resume_refuses_other_flags(base, cpt_run):
