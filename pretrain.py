@@ -142,8 +142,7 @@ class Loop:
     @classmethod
     def of(cls, run, device, rank, world, keep=()):
         """The Loop of a run's settings (pretrain.py's and cpt.py's have the same names)."""
-        names = ("out_dir", "max_steps", "grad_accum", "grad_clip", "eval_interval", "log_interval", "compile", "quiet",
-                 "dtype")
+        names = "out_dir max_steps grad_accum grad_clip eval_interval log_interval compile quiet dtype".split()
         return cls(**{name: getattr(run, name) for name in names}, device=device, rank=rank, world=world, keep=keep,
                    scaler=harness.grad_scaler(device, run.dtype))
 
