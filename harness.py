@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import (ATTN_BACKENDS, GPT, GPTConfig, BadInput, flex_problem, gpu_fallback, kernel_problem,
+from model import (ATTN_BACKENDS, GPT, GPTConfig, BadInput, fallback_in_words, flex_problem, kernel_problem,
                    triton_problem)
 
 
@@ -146,7 +146,7 @@ def check_attention_backend(backend, device, dtype, head_size):
     problem = kernel_problem(q, q, q) if backend == "cuda" else flex_problem(head_size) if backend == "flex" else None
     if problem:
         raise BadInput(f"--attn_backend {backend} cannot run here: {problem}; or use --attn_backend auto, which "
-                       f"runs {gpu_fallback(head_size)} here")
+                       f"runs {fallback_in_words(head_size)} here")
 
 
 def load_corpus_once(source, rank, world, quiet=False):
@@ -236,8 +236,9 @@ def signals_finish_the_step():
             raise KeyboardInterrupt
         if not stop.signal:
             stop.signal = signum
-            print(f"\n{STOP_SIGNALS[signum][0]}: finishing this step and saving a checkpoint (Ctrl-C to quit now)",
-                  flush=True)
+            # os.write, not print: a print here, while the step is inside one, would raise "reentrant call"
+            os.write(1, f"\n{STOP_SIGNALS[signum][0]}: finishing this step and saving a checkpoint "
+                        "(Ctrl-C to quit now)\n".encode())
     if threading.current_thread() is not threading.main_thread():  # signals only work there
         yield stop
         return

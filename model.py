@@ -284,9 +284,7 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
     documents, or sdpa where FlexAttention cannot run either (auto_backend). On CPU and MPS
     it runs sdpa: FlexAttention has no backward there (torch 2.13 raises NotImplementedError)."""
     if backend == "auto":
-        backend = auto_backend(q, k, v) if q.is_cuda else "sdpa"
-        if backend == "flex" and doc_ids is None:
-            backend = "sdpa"  # plain causal needs no mask: sdpa's own flash kernel
+        backend = auto_backend(q, k, v, doc_ids) if q.is_cuda else "sdpa"
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
     if backend == "flex":
@@ -295,7 +293,7 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
         raise BadInput(f"unknown attention backend '{backend}'; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "cuda" and q.is_cuda and (problem := kernel_problem(q, k, v)) is not None:
         raise BadInput(f"attention backend 'cuda' cannot run: {problem}; "
-                       f"or use 'auto', which runs {gpu_fallback(q.size(-1))} here")
+                       f"or use 'auto', which runs {fallback_in_words(q.size(-1))} here")
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int32).contiguous()  # (B, T), as the kernel reads them
     # kernels.cu wants dense (B, nh, T, hs): copies made here, outside the operator, can be
@@ -304,23 +302,26 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
     return flash_attention(q, k, v, doc_ids, backend == "reference")[0]
 
 
-def auto_backend(q, k, v):
+def auto_backend(q, k, v, doc_ids=None):
     """What "auto" runs for CUDA tensors q, k, v: "cuda" where kernels.cu can take them, else
     "flex" or "sdpa" (gpu_fallback), after one line, once, saying why and what runs instead."""
     problem = kernel_problem(q, k, v)
     if problem is None:
         return "cuda"
     fallback = gpu_fallback(q.size(-1))
-    uses = "flex for batches with documents and sdpa for the others" if fallback == "flex" else "sdpa"
     nor = f"; nor flex: {flex_problem(q.size(-1))}" if fallback == "sdpa" else ""
-    say_once(f"attention: 'auto' uses {uses}, not kernels.cu: {problem}{nor}")
-    return fallback
+    say_once(f"attention: 'auto' uses {fallback_in_words(q.size(-1))}, not kernels.cu: {problem}{nor}")
+    return "sdpa" if doc_ids is None else fallback  # plain causal needs no mask: sdpa's own flash kernel
 
 
 def gpu_fallback(head_size):
     """flex where FlexAttention can run on this GPU: without it a batch with documents needs
     sdpa with a (B, 1, T, T) mask, which rules out sdpa's flash kernel."""
     return "sdpa" if flex_problem(head_size) else "flex"
+
+
+def fallback_in_words(head_size):
+    return "flex for batches with documents and sdpa for the others" if gpu_fallback(head_size) == "flex" else "sdpa"
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: asked once, while tracing
@@ -372,7 +373,7 @@ def flex_document_attention(q, k, v, doc_ids):
     key), which torch.compile fuses into a Triton kernel; no toolkit, no (T, T) matrix.
     Notice the block mask: for each 128 x 128 tile, empty (skipped), full (no mask
     evaluated) or partial, the three cases kernels.cu tells apart with key_tile_range and
-    tile_fully_visible. Built once per forward, not per layer: every layer gets the same
+    tile_fully_visible. Eager, built once per forward, not per layer: every layer gets the same
     doc_ids tensor. Its cost per step, measured on a CPU: README, technique 2."""
     global _last_block_mask
     dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
@@ -382,7 +383,8 @@ def flex_document_attention(q, k, v, doc_ids):
     T = q.size(2)
     if torch.compiler.is_compiling():  # traced into the model's graph, the block mask too
         return flex_attention(q, k, v, block_mask=document_block_mask(doc_ids, T, q.device))
-    key = (doc_ids is None or doc_ids._version, T, q.device)
+    # _version counts in-place writes; tensors made under torch.inference_mode() have none
+    key = (doc_ids is None or doc_ids.is_inference() or doc_ids._version, T, q.device)
     if _last_block_mask[0] is not doc_ids or _last_block_mask[1] != key:
         _last_block_mask = (doc_ids, key, document_block_mask(doc_ids, T, q.device))
     flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: a test's forward, uncompiled
@@ -818,7 +820,7 @@ def _run_self_check(under_check, index, log_path, timeout):
     errors = [line.removeprefix("FAILED: ") for line in lines  # ours, or an exception's last line
               if re.match(r"(FAILED|[\w.]+(Error|Exception)): ", line)]
     why = (f"no answer within {timeout} s" if status is None else
-           f"the process died of {signal.Signals(-status).name}" if status < 0 else
+           f"the process died of {next((sig.name for sig in signal.Signals if sig == -status), -status)}" if status < 0 else
            errors[-1][:200] if errors else f"exit status {status}")
     where = f"in case {cases[-1]}" if cases else "before its first case"
     return f"kernels.cu failed its self-check on this GPU {where}: {why} (whole log: {log_path})"

@@ -36,7 +36,7 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, seq_len=256, batch_size=8, grad_accum=1,
                 max_steps=900, lr=3e-3, warmup=60, eval_interval=225, eval_batches=8,
                 data="stdlib", compile=False, sample_tokens=100),
-    # a laptop GPU with 6 GB: ~30M parameters, bf16; 4 x 1024 tokens per micro-step.
+    # a laptop GPU with 6 GB: ~30M parameters, bf16 (fp16 before sm_80); 4 x 1024 tokens per micro-step.
     "laptop": dict(n_layer=6, n_head=6, n_embd=384, seq_len=1024, batch_size=4, grad_accum=8,
                    max_steps=5000, lr=1e-3, warmup=200, eval_interval=250, eval_batches=20,
                    data="stdlib+packages", compile=True),

@@ -69,8 +69,7 @@ def backend_for(device, dtype, doc_ids, monkeypatch):
     q.is_cuda); elsewhere attention() runs, and a spy says which backend computed."""
     q = torch.zeros(1, 2, 16, 64, dtype=dtype or torch.float32)
     if device == "cuda":
-        backend = model.auto_backend(q, q, q)
-        return "sdpa" if backend == "flex" and doc_ids is None else backend
+        return model.auto_backend(q, q, q, doc_ids)
     ran = []
     with monkeypatch.context() as spies:
         for backend, name in (("sdpa", "sdpa_attention"), ("flex", "flex_document_attention")):
@@ -102,7 +101,8 @@ def test_backend_cuda_where_the_kernel_cannot_run_is_one_line_with_the_reason_an
     with pytest.raises(BadInput) as e:
         harness.check_attention_backend("cuda", machine, "auto", 64)
     assert re.fullmatch(r"--attn_backend cuda cannot run here: (nvcc not found .*set CUDA_HOME to it|the GPU is sm_75; "
-                        r".*need sm_80 or newer); or use --attn_backend auto, which runs flex here", str(e.value)), e.value
+                        r".*need sm_80 or newer); or use --attn_backend auto, which runs flex for batches with "
+                        r"documents and sdpa for the others here", str(e.value)), e.value
     harness.check_attention_backend("flex", machine, "auto", 64)  # flex can
     assert capsys.readouterr().out == ""
 
@@ -112,7 +112,7 @@ def test_backend_cuda_refuses_what_the_kernel_cannot_take_before_the_run(machine
     harness.check_attention_backend("cuda", machine, "auto", 64)  # bf16, head size 64: fine
     with pytest.raises(BadInput, match="float16 or bfloat16, not torch.float32"):
         harness.check_attention_backend("cuda", machine, "fp32", 64)
-    with pytest.raises(BadInput, match=r"head sizes \(32, 64, 128\), not 48; or use --attn_backend auto, which runs flex"):
+    with pytest.raises(BadInput, match=r"head sizes \(32, 64, 128\), not 48; or use --attn_backend auto, which runs flex for"):
         harness.check_attention_backend("cuda", machine, "auto", 48)
     with pytest.raises(BadInput, match="flex cannot run here: its GPU kernel takes head sizes of 16 or more, not 8"):
         harness.check_attention_backend("flex", machine, "auto", 8)
@@ -154,8 +154,8 @@ def test_the_choice_and_its_line_trace_under_compile(machine, monkeypatch, capsy
     """On a GPU the model is compiled with attention() in its graph: choosing flex, and the
     line, happen once while tracing, with no graph break (fullgraph would raise)."""
     monkeypatch.setattr(torch.cuda, "is_available", IS_AVAILABLE)  # torch.compile asks too: the truth
-    choose = torch.compile(lambda q: q * (2 if model.auto_backend(q, q, q) == "flex" else 3), fullgraph=True,
-                           backend="eager")
-    q = torch.ones(1, 2, 16, 64, dtype=torch.float16)
-    assert torch.equal(choose(q), q * 2) and torch.equal(choose(q), q * 2)
+    choose = torch.compile(lambda q, docs: q * (2 if model.auto_backend(q, q, q, docs) == "flex" else 3),
+                           fullgraph=True, backend="eager")
+    q, docs = torch.ones(1, 2, 16, 64, dtype=torch.float16), torch.zeros(1, 16, dtype=torch.int32)
+    assert torch.equal(choose(q, docs), q * 2) and torch.equal(choose(q, docs), q * 2)
     assert len(capsys.readouterr().out.splitlines()) == 1

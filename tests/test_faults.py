@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import data
-import harness
 import pretrain
 from model import BadInput
 from test_data import write_jsonl
