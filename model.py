@@ -381,7 +381,7 @@ def flex_document_attention(q, k, v, doc_ids):
     # read the strided v (a view of the qkv matmul) wrongly (tests/test_attention.py).
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
     T = q.size(2)
-    if torch.compiler.is_compiling():  # traced into the model's graph, the block mask too
+    if torch.compiler.is_compiling():  # traced into the graph, the block mask too: once per layer (to do: once)
         return flex_attention(q, k, v, block_mask=document_block_mask(doc_ids, T, q.device))
     # _version counts in-place writes; tensors made under torch.inference_mode() have none
     key = (doc_ids is None or doc_ids.is_inference() or doc_ids._version, T, q.device)
@@ -819,8 +819,8 @@ def _run_self_check(under_check, index, log_path, timeout):
     cases = [line.removeprefix("case: ") for line in lines if line.startswith("case: ")]
     errors = [line.removeprefix("FAILED: ") for line in lines  # ours, or an exception's last line
               if re.match(r"(FAILED|[\w.]+(Error|Exception)): ", line)]
-    why = (f"no answer within {timeout} s" if status is None else
-           f"the process died of {next((sig.name for sig in signal.Signals if sig == -status), -status)}" if status < 0 else
+    died = next((sig.name for sig in signal.Signals if sig == -status), f"signal {-status}") if status and status < 0 else None
+    why = (f"no answer within {timeout} s" if status is None else f"the process died of {died}" if status < 0 else
            errors[-1][:200] if errors else f"exit status {status}")
     where = f"in case {cases[-1]}" if cases else "before its first case"
     return f"kernels.cu failed its self-check on this GPU {where}: {why} (whole log: {log_path})"
