@@ -94,8 +94,9 @@ class GPT(nn.Module):
             pos_ids = torch.arange(T, device=idx.device).expand(B, T)
         cos, sin = self.rotary(pos_ids)  # (B, 1, T, hs/2) each
         x = self.wte(idx)  # (B, T, C)
+        shared = {}  # what attention builds once per forward for every layer (flex's block mask)
         for block in self.blocks:
-            x = block(x, cos, sin, doc_ids, self.attn_backend)
+            x = block(x, cos, sin, doc_ids, self.attn_backend, shared)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x).float(), None  # (B, T, vocab), float32 for a stable softmax
@@ -199,8 +200,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, doc_ids, backend):
-        x = x + self.attn(self.norm_1(x), cos, sin, doc_ids, backend)
+    def forward(self, x, cos, sin, doc_ids, backend, shared=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, doc_ids, backend, shared)
         x = x + self.mlp(self.norm_2(x))
         return x
 
@@ -213,12 +214,12 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids, backend):
+    def forward(self, x, cos, sin, doc_ids, backend, shared=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attention(q, k, v, doc_ids, backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, doc_ids, backend, shared)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj(y)
 
@@ -277,9 +278,10 @@ def apply_rotary(x, cos, sin):
 ATTN_BACKENDS = ("auto", "sdpa", "reference", "cuda", "flex")
 
 
-def attention(q, k, v, doc_ids=None, backend="auto"):
+def attention(q, k, v, doc_ids=None, backend="auto", shared=None):
     """Causal attention within documents. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
     doc_ids: (B, T), non-decreasing along each row, or None for plain causal attention.
+    shared: a dict for what one forward builds once for all its layers, or None.
     "auto" runs kernels.cu where it can take q; on other GPUs flex for batches with
     documents, or sdpa where FlexAttention cannot run either (auto_backend). On CPU and MPS
     it runs sdpa: FlexAttention has no backward there (torch 2.13 raises NotImplementedError)."""
@@ -288,7 +290,7 @@ def attention(q, k, v, doc_ids=None, backend="auto"):
     if backend == "sdpa":
         return sdpa_attention(q, k, v, doc_ids)
     if backend == "flex":
-        return flex_document_attention(q, k, v, doc_ids)
+        return flex_document_attention(q, k, v, doc_ids, shared)
     if backend not in ATTN_BACKENDS:
         raise BadInput(f"unknown attention backend '{backend}'; choose one of {', '.join(ATTN_BACKENDS)}")
     if backend == "cuda" and q.is_cuda and (problem := kernel_problem(q, k, v)) is not None:
@@ -364,31 +366,26 @@ def sdpa_attention(q, k, v, doc_ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids))
 
 
-_last_block_mask = (None, None, None)  # (doc_ids, (version, T, device), its BlockMask): the last forward's
-
-
-def flex_document_attention(q, k, v, doc_ids):
+def flex_document_attention(q, k, v, doc_ids, shared=None):
     """FlexAttention (Dong et al. 2024, "Flex Attention: A Programming Model for Generating
     Optimized Attention Kernels"): the mask is a Python function of (batch, head, query,
     key), which torch.compile fuses into a Triton kernel; no toolkit, no (T, T) matrix.
     Notice the block mask: for each 128 x 128 tile, empty (skipped), full (no mask
     evaluated) or partial, the three cases kernels.cu tells apart with key_tile_range and
-    tile_fully_visible. Eager, built once per forward, not per layer: every layer gets the same
-    doc_ids tensor. Its cost per step, measured on a CPU: README, technique 2."""
-    global _last_block_mask
+    tile_fully_visible. Built once per forward, not per layer: GPT.forward hands every layer
+    the same `shared` dict (compiled, too: one mask in the graph). Its cost per step, measured
+    on a CPU: README, technique 2."""
     dtype = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
     # One dtype, as in sdpa, and dense: compiled into a GPT on a CPU, torch 2.13's FlexAttention
     # read the strided v (a view of the qkv matmul) wrongly (tests/test_attention.py).
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-    T = q.size(2)
-    if torch.compiler.is_compiling():  # traced into the graph, the block mask too: once per layer (to do: once)
-        return flex_attention(q, k, v, block_mask=document_block_mask(doc_ids, T, q.device))
-    # _version counts in-place writes; tensors made under torch.inference_mode() have none
-    key = (doc_ids is None or doc_ids.is_inference() or doc_ids._version, T, q.device)
-    if _last_block_mask[0] is not doc_ids or _last_block_mask[1] != key:
-        _last_block_mask = (doc_ids, key, document_block_mask(doc_ids, T, q.device))
-    flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: a test's forward, uncompiled
-    return flex(q, k, v, block_mask=_last_block_mask[2])
+    shared = {} if shared is None else shared
+    if "block_mask" not in shared:
+        shared["block_mask"] = document_block_mask(doc_ids, q.size(2), q.device)
+    # Inside a compiled model it is traced into the graph; alone it is compiled by itself
+    # on a GPU; on a CPU (a test's forward) it runs uncompiled.
+    compiled = q.is_cuda and not torch.compiler.is_compiling()
+    return (compiled_flex_attention() if compiled else flex_attention)(q, k, v, block_mask=shared["block_mask"])
 
 
 def document_block_mask(doc_ids, T, device):

@@ -503,7 +503,7 @@ def test_flex_block_mask_visits_exactly_the_tiles_with_something_visible(T, docs
 
 def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch):
     builds, real = [], model.document_block_mask
-    monkeypatch.setattr(model, "document_block_mask", lambda *a: builds.append(a) or real(*a))
+    monkeypatch.setattr(model, "document_block_mask", lambda *a: builds.append(1) or real(*a))
     gpt = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=32)).eval()
     idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(24))
     with torch.no_grad():
@@ -514,6 +514,13 @@ def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch):
             gpt.attn_backend = "sdpa"
             torch.testing.assert_close(logits, gpt(idx, doc_ids=doc_ids)[0], rtol=1e-5, atol=1e-5)
     assert len(builds) == 2
+    # Compiled, as a GPU trains: the spy's appends are replayed each call, one per mask in the graph.
+    builds.clear()
+    gpt.attn_backend = "flex"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(gpt, fullgraph=True)(idx, doc_ids=doc_ids)[0], logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert len(builds) == 1
 
 
 def test_flex_is_compiled_once_per_shape_not_per_batch(monkeypatch):
