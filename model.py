@@ -787,16 +787,19 @@ def self_check(module, under_check="model:_kernel_under_check", timeout=120):
 
 
 def _machine_key(index):
-    """All that could change the verdict, in words: the GPU, its driver, CUDA, torch, kernels.cu."""
+    """All that could change the verdict, in words: the GPU, its driver, CUDA, torch, kernels.cu
+    and this file (which allocates the kernel's buffers and calls it)."""
     gpu = torch.cuda.get_device_properties(index)
-    with open(KERNEL_SOURCE, "rb") as f:
-        source = hashlib.sha256(f.read()).hexdigest()[:16]
+    source = hashlib.sha256()
+    for path in (KERNEL_SOURCE, os.path.abspath(__file__)):
+        with open(path, "rb") as f:
+            source.update(f.read())
     driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: "?")()  # the CUDA version it supports
     if os.path.exists("/proc/driver/nvidia/version"):  # Linux: the driver's own version, more exact
         with open("/proc/driver/nvidia/version") as f:
             driver = f.readline().strip()
     return (f"{gpu.name} sm_{gpu.major}{gpu.minor}; driver {driver}; CUDA {torch.version.cuda}; "
-            f"torch {torch.__version__}; kernels.cu sha256 {source}")
+            f"torch {torch.__version__}; kernels.cu + model.py sha256 {source.hexdigest()[:16]}")
 
 
 def _run_self_check(under_check, index, log_path, timeout):

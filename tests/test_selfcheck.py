@@ -85,7 +85,7 @@ def test_the_mirror_passes_once_per_machine_and_kernel_source(capsys, gpu):
 
 def test_the_key_names_what_could_change_the_verdict(gpu, monkeypatch):
     key = model._machine_key(0)
-    assert re.fullmatch(r"NVIDIA Pretend sm_86; driver .+; CUDA .+; torch .+; kernels.cu sha256 [0-9a-f]{16}", key)
+    assert re.fullmatch(r"NVIDIA Pretend sm_86; driver .+; CUDA .+; torch .+; kernels.cu \+ model.py sha256 [0-9a-f]{16}", key)
     gpu.source.write_text(gpu.source.read_text().replace("BLOCK_M", "BLOCK_Q"))
     assert model._machine_key(0) != key
     monkeypatch.setattr(torch, "__version__", "9.9.9")
