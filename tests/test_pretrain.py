@@ -57,21 +57,26 @@ def test_smoke_run_writes_everything_and_learns(tmp_path):
     assert ckpt["step"] == 30 and ckpt["data"]["source"] == "pydoc" and ckpt["config"]["n_embd"] == 32
 
 
+def dies_at_batch(index, monkeypatch, run):
+    """run() as a run that dies (a power cut) when it asks for batch `index`."""
+    real_get_batch = data.get_batch
+    def get_batch(corpus, rows, seq_len, i, *args, **kw):
+        if i == index:
+            raise RuntimeError("power cut")
+        return real_get_batch(corpus, rows, seq_len, i, *args, **kw)
+    monkeypatch.setattr(data, "get_batch", get_batch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run()
+    monkeypatch.undo()
+
+
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     """20 straight steps == a run that dies at step 11 (checkpoint at 10) + --resume."""
     straight = tmp_path / "straight"
     pretrain.main(tiny_args(straight, 20))
 
     crashed = tmp_path / "crashed"
-    real_get_batch = data.get_batch
-    def dies_at_step_11(corpus, rows, seq_len, index, *args, **kw):
-        if index == 11:
-            raise RuntimeError("power cut")
-        return real_get_batch(corpus, rows, seq_len, index, *args, **kw)
-    monkeypatch.setattr(data, "get_batch", dies_at_step_11)
-    with pytest.raises(RuntimeError, match="power cut"):
-        pretrain.main(tiny_args(crashed, 20))
-    monkeypatch.undo()
+    dies_at_batch(11, monkeypatch, lambda: pretrain.main(tiny_args(crashed, 20)))
     assert max(losses(crashed)) == 11  # it got past the checkpoint before dying
     pretrain.main(tiny_args(crashed, 20, "--resume"))
 
@@ -87,15 +92,7 @@ def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
     continues exactly. fp16 matmuls are slow on this CPU: 6 steps."""
     args = lambda out, *extra: tiny_args(out, 6, "--dtype", "fp16", "--eval_interval", "3", *extra)  # noqa: E731
     pretrain.main(args(tmp_path / "straight"))
-    real_get_batch = data.get_batch
-    def dies_at_step_5(corpus, rows, seq_len, index, *args, **kw):
-        if index == 4:
-            raise RuntimeError("power cut")
-        return real_get_batch(corpus, rows, seq_len, index, *args, **kw)
-    monkeypatch.setattr(data, "get_batch", dies_at_step_5)
-    with pytest.raises(RuntimeError, match="power cut"):
-        pretrain.main(args(tmp_path / "crashed"))
-    monkeypatch.undo()
+    dies_at_batch(4, monkeypatch, lambda: pretrain.main(args(tmp_path / "crashed")))
     pretrain.main(args(tmp_path / "crashed", "--resume"))
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "crashed")
     assert sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
